@@ -1,0 +1,313 @@
+"""Command-line interface: thin parsing on top of the library; one clear line per user mistake."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import ConfigError, ZsqError
+
+log = logging.getLogger("zsq")
+
+MODEL_HELP = ("a registry name (see `zsq models`), torchvision:NAME, or package.module:factory "
+              "(imported from the current directory / PYTHONPATH; needs --weights)")
+
+
+def _bits(s: str) -> int:
+    from .config import check_bits
+
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer bit width 2-8, got {s!r}") from None
+    try:
+        return check_bits(v, "bits")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _pos_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+OVERRIDE_RE = re.compile(r"^(?:(float)|(?:w(\d))?(?:a(\d))?(?:,?(pc|pt))?)$")
+
+
+def parse_override(text: str) -> tuple[str, dict[str, Any] | None]:
+    """``PATTERN=SPEC`` with SPEC ``w8a8``, ``w8``, ``a6``, ``w4,pt``, or ``float``."""
+    if "=" not in text:
+        raise ConfigError(f"--override {text!r}: expected PATTERN=SPEC, e.g. '@first=w8a8', 're:.*fc=w8', 'conv1=float'")
+    pattern, spec = text.rsplit("=", 1)
+    m = OVERRIDE_RE.match(spec.strip())
+    if not pattern or not m or not any(m.groups()):
+        raise ConfigError(f"--override {text!r}: SPEC must look like w8a8, w4, a6, w4a8,pt or float")
+    if m.group(1):
+        return pattern, None
+    ov: dict[str, Any] = {}
+    if m.group(2):
+        ov["wbits"] = int(m.group(2))
+    if m.group(3):
+        ov["abits"] = int(m.group(3))
+    if m.group(4):
+        ov["weight_granularity"] = "per_channel" if m.group(4) == "pc" else "per_tensor"
+    return pattern, ov
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("--weights", metavar="PATH", help="weights file (state_dict .pt/.pth/.th or .safetensors)")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--threads", type=_pos_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _add_distill_args(p: argparse.ArgumentParser) -> None:
+    from .config import DistillConfig
+
+    d = DistillConfig()
+    g = p.add_argument_group("distilled data (ZeroQ)")
+    g.add_argument("--distill-batches", type=_pos_int, default=d.num_batches, help=f"batches (default {d.num_batches})")
+    g.add_argument("--distill-batch-size", type=_pos_int, default=d.batch_size, help=f"images per batch (default {d.batch_size})")
+    g.add_argument("--distill-iters", type=_pos_int, default=d.iterations, help=f"Adam iterations per batch (default {d.iterations})")
+    g.add_argument("--distill-lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
+    g.add_argument("--distill-schedule", choices=("constant", "cosine", "plateau"), default=d.schedule,
+                   help=f"learning-rate schedule (default {d.schedule})")
+    g.add_argument("--distill-input-weight", type=float, default=d.input_weight,
+                   help=f"weight of the input-statistics term (default {d.input_weight})")
+
+
+def _distill_config(args: argparse.Namespace):
+    from .config import DistillConfig
+
+    return DistillConfig(num_batches=args.distill_batches, batch_size=args.distill_batch_size,
+                         iterations=args.distill_iters, lr=args.distill_lr, schedule=args.distill_schedule,
+                         input_weight=args.distill_input_weight, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import ACT_ESTIMATORS, QuantConfig, WEIGHT_ESTIMATORS
+
+    qd = QuantConfig()
+    parser = argparse.ArgumentParser(
+        prog="zsq", description="Zero-shot (data-free) quantization of PyTorch models.",
+        epilog="Example: zsq quantize efficientnet_lite0 --wbits 8 --abits 8 --eval IMAGES_DIR --out runs/lite0",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list the model registry")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("layers", help="list the quantizable layers of a model in data-flow order (names for --override/--skip)")
+    _add_model_args(p)
+
+    p = sub.add_parser("quantize", help="zero-shot quantize a model (distil, fold BN, quantize, calibrate, evaluate)",
+                       description="Quantize MODEL without real data and (optionally) measure what it kept.")
+    _add_model_args(p)
+    p.add_argument("--wbits", type=_bits, default=qd.wbits, help=f"weight bits 2-8 (default {qd.wbits})")
+    p.add_argument("--abits", type=_bits, default=qd.abits, help=f"activation bits 2-8 (default {qd.abits})")
+    p.add_argument("--weight-granularity", choices=("per_channel", "per_tensor"), default=qd.weight_granularity)
+    p.add_argument("--weight-asymmetric", action="store_true", help="asymmetric (uint) weights instead of symmetric int")
+    p.add_argument("--weight-estimator", choices=WEIGHT_ESTIMATORS, default=qd.weight_estimator,
+                   help=f"weight range (default {qd.weight_estimator})")
+    p.add_argument("--act-estimator", choices=ACT_ESTIMATORS, default=qd.act_estimator,
+                   help=f"activation range estimator (default {qd.act_estimator})")
+    p.add_argument("--act-percentile", type=float, default=qd.act_percentile, help=f"for --act-estimator percentile (default {qd.act_percentile})")
+    p.add_argument("--override", action="append", default=[], metavar="PATTERN=SPEC",
+                   help="per-layer setting, e.g. '@first=w8a8', '@last=w8', 're:.*depthwise.*=w8', 'conv1=float' (repeatable)")
+    p.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="keep matching layers in float (repeatable; must match)")
+    p.add_argument("--calib", default="distilled", metavar="SOURCE",
+                   help="calibration data: distilled (default), gaussian, or a PATH to real images / saved tensors")
+    p.add_argument("--calib-size", type=_pos_int, default=None, help="images for gaussian/real calibration")
+    p.add_argument("--eval", metavar="PATH", help="labelled eval set: .npz, folder with labels.csv, or ImageFolder")
+    p.add_argument("--eval-split", default=None, help="for .npz: image array to use (e.g. exact_images_prefix)")
+    p.add_argument("--eval-limit", type=_pos_int, default=None, help="evaluate only the first N images")
+    p.add_argument("--out", metavar="DIR", default=None, help="output directory (default runs/<model>-w<W>a<A>)")
+    _add_distill_args(p)
+    _add_common(p)
+
+    p = sub.add_parser("distill", help="generate ZeroQ distilled data and save tensors + a PNG grid")
+    _add_model_args(p)
+    p.add_argument("--out", metavar="DIR", required=True, help="output directory")
+    _add_distill_args(p)
+    _add_common(p)
+
+    p = sub.add_parser("eval", help="top-1/top-5 of a model, or of a quantized checkpoint against its FP32 model")
+    p.add_argument("target", metavar="MODEL_OR_CHECKPOINT", help=MODEL_HELP + ", or a directory written by `zsq quantize`")
+    p.add_argument("data", metavar="DATA", help="labelled eval set: .npz, folder with labels.csv, or ImageFolder")
+    p.add_argument("--weights", metavar="PATH", help="weights of MODEL (or of the FP32 reference of a checkpoint)")
+    p.add_argument("--split", default=None, help="for .npz: image array to use (e.g. exact_images_prefix)")
+    p.add_argument("--limit", type=_pos_int, default=None, help="only the first N images")
+    p.add_argument("--batch-size", type=_pos_int, default=100)
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the result as JSON")
+    _add_common(p)
+    return parser
+
+
+def _setup(args: argparse.Namespace) -> None:
+    import torch
+
+    level = logging.DEBUG if getattr(args, "verbose", False) else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import list_models
+
+    specs = list_models()
+    if args.json:
+        print(json.dumps([{"name": s.name, "num_classes": s.num_classes, "dataset": s.dataset,
+                           "input_size": list(s.preprocessing.input_size), "description": s.description}
+                          for s in specs], indent=2))
+        return 0
+    width = max(len(s.name) for s in specs)
+    for s in specs:
+        h, w = s.preprocessing.input_size
+        print(f"{s.name:<{width}}  {s.dataset:<9} {s.num_classes:>5} classes  {h}x{w}  {s.description}")
+    print("\nAlso: torchvision:NAME (needs torchvision) and package.module:factory --weights FILE")
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from .fold import fold_batchnorm
+    from .models import load_model
+    from .quant.apply import quantizable_nodes
+
+    model, _ = load_model(args.model, weights=args.weights, pretrained=args.weights is not None)
+    folded, report = fold_batchnorm(model)
+    for i, (node, mod) in enumerate(quantizable_nodes(folded)):
+        tag = " (@first)" if i == 0 else ""
+        print(f"{node.target}\t{type(mod).__name__}\t{tuple(mod.weight.shape)}{tag}")
+    print(f"# {report}", file=sys.stderr)
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .config import QuantConfig
+    from .pipeline import RunConfig, run
+
+    overrides = dict(parse_override(o) for o in args.override)
+    qcfg = QuantConfig(
+        wbits=args.wbits, abits=args.abits, weight_granularity=args.weight_granularity,
+        weight_symmetric=not args.weight_asymmetric, weight_estimator=args.weight_estimator,
+        act_estimator=args.act_estimator, act_percentile=args.act_percentile, overrides=overrides,
+        skip=tuple(args.skip),
+    )
+    calib = args.calib
+    if calib not in ("distilled", "gaussian") and not Path(calib).exists():
+        raise ConfigError(f"--calib {calib!r}: expected 'distilled', 'gaussian' or an existing path to real images")
+    cfg = RunConfig(model=args.model, weights=args.weights, quant=qcfg, distill=_distill_config(args), calib=calib,
+                    calib_size=args.calib_size, eval=args.eval, eval_split=args.eval_split,
+                    eval_limit=args.eval_limit, device=args.device, seed=args.seed)
+    safe = re.sub(r"[^0-9A-Za-z_.-]", "_", args.model)
+    out = Path(args.out or f"runs/{safe}-w{args.wbits}a{args.abits}")
+    res = run(cfg, out_dir=out, progress=not args.quiet)
+    r = res.report
+    t = r["timings_s"]
+    print(f"{r['quantizers']['num_weight_quantizers']} weight / {r['quantizers']['num_act_quantizers']} activation "
+          f"quantizers; folded {len(r['fold']['folded'])} BN; size {r['size_bytes']['fp32'] / 1e6:.2f} MB -> "
+          f"{r['size_bytes']['quantized'] / 1e6:.2f} MB")
+    if "quantized" in r:
+        print(f"top-1 FP32 {r['fp32']['top1']:.2f}  W{args.wbits}A{args.abits} {r['quantized']['top1']:.2f}  "
+              f"(drop {r['fp32']['top1'] - r['quantized']['top1']:+.2f})  agreement {r['agreement']:.2f}%  "
+              f"KL {r['kl']:.4f}  on {r['eval']['num_images']} images")
+    print(f"time: distill {t['distill']:.1f}s  calibrate {t['calibrate']:.1f}s  evaluate {t['evaluate']:.1f}s  "
+          f"total {t['total']:.1f}s")
+    print(f"wrote {out}/ (quantized.safetensors, zsq_config.json, report.json, images)")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from .distill import distill, save_image_grid
+    from .models import load_model
+
+    model, spec = load_model(args.model, weights=args.weights)
+    from .pipeline import check_device
+
+    check_device(args.device)
+    res = distill(model, spec.preprocessing, _distill_config(args), device=args.device, progress=not args.quiet)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"images": res.inputs.contiguous()}, str(out / "distilled.safetensors"))
+    save_image_grid(res.inputs, spec.preprocessing, out / "distilled_images.png")
+    (out / "distill.json").write_text(json.dumps({"model": args.model, **res.to_dict(),
+                                                  "config": _distill_config(args).to_dict()}, indent=2))
+    print(f"distilled {res.inputs.shape[0]} inputs {tuple(res.inputs.shape[1:])} in {res.seconds:.1f}s, "
+          f"BN loss {res.initial_losses[0]:.3f} -> {res.losses[0]:.4f}; wrote {out}/distilled.safetensors "
+          "(use with --calib) and distilled_images.png")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .checkpoint import CONFIG_FILE, load_quantized
+    from .data import check_labels, load_dataset
+    from .evaluate import compare, evaluate
+    from .models import load_model
+
+    target = Path(args.target)
+    if target.is_dir() and (target / CONFIG_FILE).exists():
+        qmodel, spec, meta = load_quantized(target)
+        ds = load_dataset(args.data, spec.preprocessing, limit=args.limit, split=args.split)
+        check_labels(ds, spec.num_classes)
+        weights = args.weights or meta.get("weights")
+        fp32, _ = load_model(meta["model"], weights=weights)
+        res = compare(fp32, qmodel, ds, batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+        print(f"{meta['model']} on {res['n']} images: FP32 top-1 {res['fp32']['top1']:.2f}, quantized top-1 "
+              f"{res['quantized']['top1']:.2f}, agreement {res['agreement']:.2f}%, KL {res['kl']:.4f}")
+    else:
+        model, spec = load_model(args.target, weights=args.weights)
+        ds = load_dataset(args.data, spec.preprocessing, limit=args.limit, split=args.split)
+        check_labels(ds, spec.num_classes)
+        r = evaluate(model, ds, batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+        res = r.to_dict()
+        res.pop("predictions", None)
+        top5 = f", top-5 {r.top5:.2f}" if r.top5 is not None else ""
+        print(f"{args.target} on {r.n} images: top-1 {r.top1:.2f}{top5}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+COMMANDS = {"models": cmd_models, "layers": cmd_layers, "quantize": cmd_quantize, "distill": cmd_distill,
+            "eval": cmd_eval}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    _setup(args)
+    try:
+        return COMMANDS[args.command](args)
+    except ZsqError as exc:
+        print(f"zsq {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("zsq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Configuration dataclasses, one per stage. Each validates itself and round-trips to JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+MIN_BITS = 2
+MAX_BITS = 8
+
+WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
+WEIGHT_ESTIMATORS = ("minmax", "mse")
+ACT_ESTIMATORS = ("minmax", "percentile", "mse")
+LR_SCHEDULES = ("constant", "cosine", "plateau")
+DISTILL_INITS = ("gaussian", "uniform")
+
+
+def check_bits(value: Any, what: str) -> int:
+    """Return ``value`` as an int bit width in [2, 8], else raise :class:`ConfigError`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{what} must be an integer number of bits in {MIN_BITS}..{MAX_BITS}, got {value!r}")
+    if not MIN_BITS <= value <= MAX_BITS:
+        raise ConfigError(
+            f"{what}={value} is outside the supported range {MIN_BITS}..{MAX_BITS}; "
+            f"choose a bit width between {MIN_BITS} and {MAX_BITS}"
+        )
+    return value
+
+
+def _check_choice(value: Any, allowed: tuple[str, ...], what: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{what}={value!r} is not one of {', '.join(allowed)}")
+
+
+class _JsonMixin:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; allowed: {sorted(names)}")
+        return cls(**dict(data))
+
+
+@dataclass(frozen=True)
+class LayerOverride(_JsonMixin):
+    """Per-layer settings that replace the model-wide ones. ``None`` fields keep the global value."""
+
+    wbits: int | None = None
+    abits: int | None = None
+    weight_granularity: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.wbits is not None:
+            check_bits(self.wbits, "override wbits")
+        if self.abits is not None:
+            check_bits(self.abits, "override abits")
+        if self.weight_granularity is not None:
+            _check_choice(self.weight_granularity, WEIGHT_GRANULARITIES, "override weight_granularity")
+
+
+@dataclass(frozen=True)
+class QuantConfig(_JsonMixin):
+    """How to quantize weights and activations.
+
+    ``overrides`` maps a module name (exact) or ``re:REGEX`` to a :class:`LayerOverride` (or a dict of
+    its fields). Overrides are applied in insertion order; a later match wins field by field.
+    ``skip`` lists names/patterns whose layers stay in float. A pattern matching nothing raises.
+    The special names ``@first`` and ``@last`` mean the first and last quantized conv/linear layer in
+    data-flow order.
+    """
+
+    wbits: int = 8
+    abits: int = 8
+    weight_granularity: str = "per_channel"
+    weight_symmetric: bool = True
+    act_symmetric: bool = False
+    weight_estimator: str = "minmax"
+    act_estimator: str = "percentile"
+    act_percentile: float = 99.99
+    overrides: dict[str, Any] = field(default_factory=dict)
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_bits(self.wbits, "wbits")
+        check_bits(self.abits, "abits")
+        _check_choice(self.weight_granularity, WEIGHT_GRANULARITIES, "weight_granularity")
+        _check_choice(self.weight_estimator, WEIGHT_ESTIMATORS, "weight_estimator")
+        _check_choice(self.act_estimator, ACT_ESTIMATORS, "act_estimator")
+        if not (50.0 < float(self.act_percentile) <= 100.0):
+            raise ConfigError(f"act_percentile must be in (50, 100], got {self.act_percentile}")
+        norm: dict[str, LayerOverride | None] = {}
+        for key, value in dict(self.overrides).items():
+            if not isinstance(key, str) or not key:
+                raise ConfigError(f"override keys must be non-empty module names or 're:' patterns, got {key!r}")
+            if value is None or isinstance(value, LayerOverride):
+                norm[key] = value
+            elif isinstance(value, Mapping):
+                norm[key] = LayerOverride.from_dict(value)
+            else:
+                raise ConfigError(f"override for {key!r} must be a dict of wbits/abits/weight_granularity or None")
+        object.__setattr__(self, "overrides", norm)
+        object.__setattr__(self, "skip", tuple(self.skip))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["overrides"] = {k: (None if v is None else v.to_dict()) for k, v in self.overrides.items()}
+        d["skip"] = list(self.skip)
+        return d
+
+
+@dataclass(frozen=True)
+class DistillConfig(_JsonMixin):
+    """ZeroQ distilled-data settings (see :func:`zsq.distill.distill`)."""
+
+    num_batches: int = 1
+    batch_size: int = 32
+    iterations: int = 200
+    lr: float = 0.2
+    schedule: str = "cosine"
+    input_weight: float = 1.0
+    init: str = "gaussian"
+    early_stop_loss: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_batches", "batch_size", "iterations"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.input_weight < 0:
+            raise ConfigError(f"input_weight must be >= 0, got {self.input_weight}")
+        if self.early_stop_loss < 0:
+            raise ConfigError(f"early_stop_loss must be >= 0, got {self.early_stop_loss}")
+        _check_choice(self.schedule, LR_SCHEDULES, "schedule")
+        _check_choice(self.init, DISTILL_INITS, "init")

@@ -1,0 +1,7 @@
+"""Calibration data without real data: ZeroQ distilled data and baselines."""
+
+from .baselines import gaussian_inputs
+from .zeroq import DistillResult, distill, natural_input_stats
+from .grid import save_image_grid
+
+__all__ = ["distill", "DistillResult", "gaussian_inputs", "natural_input_stats", "save_image_grid"]

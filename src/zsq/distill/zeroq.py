@@ -1,0 +1,164 @@
+"""ZeroQ distilled data (Cai et al., 2020): optimise random inputs so that the batch statistics at
+every BatchNorm layer's input match that layer's running statistics.
+
+Loss per step (``L`` BN layers, ``C_l`` channels):
+    ``1/L * sum_l (||mu_l(x) - mu_l||^2 + ||sigma_l(x) - sigma_l||^2) / C_l``
+    ``+ input_weight * (||mu_0(x) - m||^2 + ||sigma_0(x) - s||^2) / 3``
+where ``mu_0, sigma_0`` are the per-channel mean/std of the input itself and ``(m, s)`` are the
+statistics of natural RGB images mapped through the model's own preprocessing. After every step
+the inputs are clipped to the range real preprocessed pixels can take.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..bn_stats import bn_loss, capture_bn_inputs, capture_bn_inputs_folded, channel_stats, require_batchnorm
+from ..config import DistillConfig
+from ..models.preprocessing import Preprocessing
+from ..state import frozen_eval
+
+log = logging.getLogger(__name__)
+
+# Per-channel mean/std of natural RGB photographs in [0, 1] (the ImageNet training-set values that
+# torchvision documents). Used as the input-statistics target, mapped through each model's own
+# normalisation.
+NATURAL_RGB_MEAN = (0.485, 0.456, 0.406)
+NATURAL_RGB_STD = (0.229, 0.224, 0.225)
+
+
+def natural_input_stats(preprocessing: Preprocessing) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expected per-channel mean and std of natural images after the model's preprocessing."""
+    m = torch.tensor(NATURAL_RGB_MEAN)
+    s = torch.tensor(NATURAL_RGB_STD)
+    pm = torch.tensor(preprocessing.mean)
+    ps = torch.tensor(preprocessing.std)
+    return (m - pm) / ps, s / ps
+
+
+@dataclass
+class DistillResult:
+    inputs: torch.Tensor
+    losses: list[float] = field(default_factory=list)  # final loss of each batch
+    initial_losses: list[float] = field(default_factory=list)
+    iterations: list[int] = field(default_factory=list)  # iterations actually run per batch
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "num_inputs": int(self.inputs.shape[0]),
+            "final_loss": self.losses,
+            "initial_loss": self.initial_losses,
+            "iterations": self.iterations,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _lr_at(cfg: DistillConfig, step: int) -> float:
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / cfg.iterations))
+    return cfg.lr
+
+
+def distill(
+    model: nn.Module,
+    preprocessing: Preprocessing,
+    config: DistillConfig | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    channels: int = 3,
+) -> DistillResult:
+    """Generate ``num_batches * batch_size`` distilled inputs for ``model`` (must contain BatchNorm).
+
+    The model is left exactly as it was (hooks removed, modes and ``requires_grad`` restored), also
+    when an exception interrupts the optimisation.
+    """
+    cfg = config or DistillConfig()
+    targets = require_batchnorm(model, what="ZeroQ distillation")
+    device = torch.device(device)
+    lo, hi = (t.to(device).view(1, -1, 1, 1) for t in preprocessing.input_range())
+    in_mean, in_std = (t.to(device) for t in natural_input_stats(preprocessing))
+    h, w = preprocessing.input_size
+    gen = torch.Generator().manual_seed(cfg.seed)
+    out, result = [], DistillResult(inputs=torch.empty(0))
+    t0 = time.perf_counter()
+    # Run on a BN-folded copy: same BN-input statistics (recovered exactly from the folded conv
+    # outputs), without the cost of BatchNorm forward/backward. The user's model is not touched.
+    from ..fold import fold_batchnorm
+
+    model, fold_report = fold_batchnorm(model)
+    orig_device = next(model.parameters()).device
+    with frozen_eval(model), capture_bn_inputs_folded(model, fold_report.folded, targets) as stats:
+        model.to(device)
+        try:
+            for b in range(cfg.num_batches):
+                if cfg.init == "gaussian":
+                    x0 = torch.randn(cfg.batch_size, channels, h, w, generator=gen)
+                else:
+                    x0 = torch.rand(cfg.batch_size, channels, h, w, generator=gen) * 2 - 1
+                x = torch.max(torch.min(x0.to(device), hi), lo).requires_grad_(True)
+                opt = torch.optim.Adam([x], lr=cfg.lr)
+                plateau = (
+                    torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=20)
+                    if cfg.schedule == "plateau" else None
+                )
+                bar = tqdm(range(cfg.iterations), desc=f"distill batch {b + 1}/{cfg.num_batches}",
+                           disable=not progress, leave=False)
+                loss_val, first, steps = float("nan"), None, 0
+                for it in bar:
+                    if plateau is None:
+                        for group in opt.param_groups:
+                            group["lr"] = _lr_at(cfg, it)
+                    opt.zero_grad(set_to_none=True)
+                    stats.clear()
+                    model(x)
+                    loss = bn_loss(targets, stats)
+                    if cfg.input_weight > 0:
+                        m, s = channel_stats(x)
+                        loss = loss + cfg.input_weight * ((m - in_mean).pow(2).mean() + (s - in_std).pow(2).mean())
+                    loss.backward()
+                    opt.step()
+                    with torch.no_grad():
+                        x.copy_(torch.max(torch.min(x, hi), lo))
+                    loss_val = float(loss.detach())
+                    if first is None:
+                        first = loss_val
+                    if plateau is not None:
+                        plateau.step(loss_val)
+                    steps = it + 1
+                    if it % 10 == 0:
+                        bar.set_postfix(loss=f"{loss_val:.4f}")
+                    if cfg.early_stop_loss > 0 and loss_val < cfg.early_stop_loss:
+                        break
+                out.append(x.detach().cpu())
+                result.losses.append(loss_val)
+                result.initial_losses.append(first if first is not None else float("nan"))
+                result.iterations.append(steps)
+                log.info("distilled batch %d/%d: BN loss %.4f -> %.4f in %d iterations",
+                         b + 1, cfg.num_batches, result.initial_losses[-1], loss_val, steps)
+        finally:
+            model.to(orig_device)
+    result.inputs = torch.cat(out)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+@torch.no_grad()
+def distill_loss(model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> float:
+    """BN-statistics loss of ``inputs`` (lower = closer to the training statistics), for diagnostics."""
+    targets = require_batchnorm(model, what="the BN-statistics loss")
+    vals = []
+    with frozen_eval(model), capture_bn_inputs(targets) as stats:
+        for i in range(0, inputs.shape[0], batch_size):
+            stats.clear()
+            model(inputs[i : i + batch_size])
+            vals.append(float(bn_loss(targets, stats)))
+    return sum(vals) / len(vals)

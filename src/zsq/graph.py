@@ -1,0 +1,65 @@
+"""Tracing a model into its data-flow graph (torch.fx), shared by folding and quantization.
+
+Modules can opt out of being traced through by setting the class attribute ``zsq_leaf = True``
+(e.g. the dynamic TF-"SAME" padding of EfficientNet): they then appear as one ``call_module`` node.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import TraceError
+
+
+class ZsqTracer(fx.Tracer):
+    """fx tracer that keeps torch.nn modules and modules marked ``zsq_leaf`` as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if getattr(type(m), "zsq_leaf", False):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Symbolically trace ``model`` (already a GraphModule: returned as is).
+
+    Raises :class:`TraceError` with the underlying reason when the model has data-dependent
+    control flow that fx cannot follow.
+    """
+    if isinstance(model, fx.GraphModule):
+        return model
+    tracer = ZsqTracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # fx raises many types; surface one clear error
+        raise TraceError(
+            f"could not trace {type(model).__name__} into a data-flow graph ({type(exc).__name__}: {exc}). "
+            "zsq needs a model whose forward has no data-dependent Python control flow; mark helper "
+            "modules that cannot be traced with the class attribute `zsq_leaf = True`."
+        ) from exc
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.train(model.training)
+    return gm
+
+
+def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The submodule a ``call_module`` node calls, else ``None``."""
+    if node.op != "call_module":
+        return None
+    return gm.get_submodule(str(node.target))
+
+
+ADD_TARGETS: tuple[Any, ...] = (operator.add, operator.iadd, torch.add, torch.Tensor.add, "add", "add_")
+
+
+def is_add(node: fx.Node) -> bool:
+    """Whether ``node`` is an elementwise tensor addition (``a + b``, ``torch.add``, ``x.add(y)``)."""
+    if node.op in ("call_function", "call_method") and node.target in ADD_TARGETS:
+        tensor_args = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+        return len(tensor_args) == 2
+    return False

@@ -1,0 +1,175 @@
+"""The zero-shot quantization pipeline, stage by stage, written once:
+
+model -> calibration data (distilled / gaussian / real) -> BN fold -> quantize -> calibrate
+-> evaluate (optional) -> save.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .config import DistillConfig, QuantConfig
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CALIB_SOURCES = ("distilled", "gaussian")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one ``zsq quantize`` run does (all options in force end up in report.json)."""
+
+    model: str
+    weights: str | None = None
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    calib: str = "distilled"  # distilled | gaussian | PATH to real images
+    calib_size: int | None = None  # images for gaussian / real calibration (default: distill batch total)
+    eval: str | None = None
+    eval_split: str | None = None
+    eval_limit: int | None = None
+    eval_batch_size: int = 100
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.calib_size is not None and self.calib_size < 1:
+            raise ConfigError(f"calib_size must be >= 1, got {self.calib_size}")
+        if self.device not in ("cpu",) and not str(self.device).startswith("cuda"):
+            raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["quant"] = self.quant.to_dict()
+        d["distill"] = self.distill.to_dict()
+        return d
+
+
+@dataclass
+class RunResult:
+    fp32_model: nn.Module
+    quantized_model: nn.Module
+    spec: Any
+    calib_inputs: torch.Tensor
+    report: dict[str, Any]
+
+
+def check_device(device: str) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but no CUDA GPU is available here; use --device cpu")
+    return dev
+
+
+def calibration_inputs(model: nn.Module, spec: Any, cfg: RunConfig, *, progress: bool) -> tuple[torch.Tensor, dict]:
+    """The calibration inputs for ``cfg.calib`` and a small info dict for the report."""
+    from .distill import distill, gaussian_inputs
+
+    n_default = cfg.distill.num_batches * cfg.distill.batch_size
+    if cfg.calib == "distilled":
+        res = distill(model, spec.preprocessing, dataclasses.replace(cfg.distill, seed=cfg.seed),
+                      device=cfg.device, progress=progress)
+        return res.inputs, {"source": "distilled", **res.to_dict()}
+    if cfg.calib == "gaussian":
+        n = cfg.calib_size or n_default
+        return gaussian_inputs(n, spec.preprocessing, seed=cfg.seed), {"source": "gaussian", "num_inputs": n}
+    path = Path(cfg.calib)
+    if not path.exists():
+        raise ConfigError(
+            f"--calib {cfg.calib!r} is neither 'distilled', 'gaussian' nor an existing path to real images"
+        )
+    from .data import unlabeled_images
+
+    n = cfg.calib_size or n_default
+    x = unlabeled_images(path, spec.preprocessing, limit=n)
+    return x, {"source": "real", "path": str(path), "num_inputs": int(x.shape[0])}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run(cfg: RunConfig, *, out_dir: str | Path | None = None, progress: bool = True) -> RunResult:
+    """Run the whole zero-shot pipeline; write checkpoint + report.json + image grid to ``out_dir``."""
+    from .calibrate import calibrate
+    from .checkpoint import save_quantized
+    from .distill import save_image_grid
+    from .fold import fold_batchnorm
+    from .models import load_model
+    from .quant import quantize
+    from .size import fp32_size_bytes, quantized_size_bytes
+
+    device = check_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    timings: dict[str, float] = {}
+    t_total = time.perf_counter()
+
+    model, spec = load_model(cfg.model, weights=cfg.weights)
+    model.eval()
+
+    eval_ds = None
+    if cfg.eval:  # validate the eval set before spending minutes on distillation
+        from .data import check_labels, load_dataset
+
+        eval_ds = load_dataset(cfg.eval, spec.preprocessing, limit=cfg.eval_limit, split=cfg.eval_split)
+        check_labels(eval_ds, spec.num_classes)
+
+    t = time.perf_counter()
+    calib_x, calib_info = calibration_inputs(model, spec, cfg, progress=progress)
+    timings["distill"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    folded, fold_report = fold_batchnorm(model)
+    log.info("%s", fold_report)
+    qmodel = quantize(folded, cfg.quant, inplace=True)
+    qmodel.to(device)
+    calibrate(qmodel, calib_x, device=device, progress=progress)
+    timings["calibrate"] = time.perf_counter() - t
+    qreport = qmodel.zsq_report  # type: ignore[attr-defined]
+    log.info("%s", qreport)
+
+    report: dict[str, Any] = {
+        "model": cfg.model,
+        "settings": cfg.to_dict(),
+        "calibration": calib_info,
+        "fold": fold_report.to_dict(),
+        "quantizers": qreport.to_dict(),
+        "size_bytes": {"fp32": fp32_size_bytes(model), "quantized": quantized_size_bytes(qmodel)},
+    }
+    report["size_bytes"]["ratio"] = round(report["size_bytes"]["fp32"] / report["size_bytes"]["quantized"], 3)
+
+    if eval_ds is not None:
+        from .evaluate import compare
+
+        t = time.perf_counter()
+        model.to(device)
+        res = compare(model, qmodel, eval_ds, batch_size=cfg.eval_batch_size, device=device, progress=progress)
+        timings["evaluate"] = time.perf_counter() - t
+        report.update({k: res[k] for k in ("fp32", "quantized", "agreement", "kl")})
+        report["eval"] = {"path": cfg.eval, "split": cfg.eval_split, "num_images": res["n"]}
+    else:
+        timings["evaluate"] = 0.0
+
+    timings["total"] = time.perf_counter() - t_total
+    report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+    report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    report["torch"] = {"version": torch.__version__, "threads": torch.get_num_threads()}
+
+    if out_dir is not None:
+        out = Path(out_dir)
+        save_quantized(qmodel, out, model_name=cfg.model,
+                       extra={"preprocessing": spec.preprocessing.to_dict(), "weights": cfg.weights})
+        save_image_grid(calib_x, spec.preprocessing, out / f"{calib_info['source']}_images.png")
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+    return RunResult(model, qmodel, spec, calib_x, report)
