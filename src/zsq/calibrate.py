@@ -17,6 +17,7 @@ from .errors import ConfigError
 from .quant.modules import ActQuantizer
 from .quant.observers import ActivationObserver
 from .quant.ranges import estimate_range, needs_histogram
+from .state import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +39,16 @@ def _batches(data: torch.Tensor | Iterable, batch_size: int) -> Iterator[torch.T
 def observing(model: nn.Module) -> Iterator[dict[str, ActivationObserver]]:
     """Attach a fresh observer to every activation quantizer; detach them (and restore mode) after."""
     quantizers = {n: m for n, m in model.named_modules() if isinstance(m, ActQuantizer)}
-    was_training = model.training
     observers = {}
-    try:
-        model.eval()
-        for n, q in quantizers.items():
-            q.observer = ActivationObserver()
-            observers[n] = q.observer
-        yield observers
-    finally:
-        for q in quantizers.values():
-            q.observer = None
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            for n, q in quantizers.items():
+                q.observer = ActivationObserver()
+                observers[n] = q.observer
+            yield observers
+        finally:
+            for q in quantizers.values():
+                q.observer = None
 
 
 @torch.no_grad()

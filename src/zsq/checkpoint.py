@@ -31,6 +31,9 @@ def save_quantized(qmodel: fx.GraphModule, out_dir: str | Path, *, model_name: s
 
     from .calibrate import is_calibrated
 
+    cfg = getattr(qmodel, "zsq_config", None)
+    if not isinstance(cfg, QuantConfig):
+        raise CheckpointError("model has no zsq_config: save only models made by zsq.quantize")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in qmodel.state_dict().items()}
@@ -41,9 +44,6 @@ def save_quantized(qmodel: fx.GraphModule, out_dir: str | Path, *, model_name: s
             sd.pop(f"{name}.weight")
             sd[f"{name}{INT_SUFFIX}"] = q.to(dtype).contiguous()
     save_file(sd, str(out / WEIGHTS_FILE))
-    cfg = getattr(qmodel, "zsq_config", None)
-    if not isinstance(cfg, QuantConfig):
-        raise CheckpointError("model has no zsq_config: save only models made by zsq.quantize")
     meta = {
         "format_version": FORMAT_VERSION,
         "model": model_name,

@@ -120,25 +120,19 @@ class ActQuantizer(nn.Module):
 
 
 class _QuantWeightMixin:
-    """Shared behaviour of quantized conv/linear: fake-quantized weight, cached in inference."""
+    """Shared behaviour of quantized conv/linear: the weight is fake-quantized on every forward."""
 
     weight: nn.Parameter
     weight_quantizer: WeightQuantizer | None
 
     def _init_quant(self, wq: WeightQuantizer | None) -> None:
         self.weight_quantizer = wq
-        self._cache: tuple[int, torch.Tensor] | None = None
 
     def quantized_weight(self) -> torch.Tensor:
         wq = self.weight_quantizer
         if wq is None or not getattr(self, "quant_enabled", True):
             return self.weight
-        if self.weight.requires_grad and torch.is_grad_enabled():
-            return wq(self.weight)
-        key = (self.weight._version, self.weight.data_ptr(), wq.scale._version, wq.bits)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, wq(self.weight.detach()))  # type: ignore[assignment]
-        return self._cache[1]
+        return wq(self.weight)
 
 
 class QuantConv2d(_QuantWeightMixin, nn.Conv2d):

@@ -4,7 +4,7 @@
 * ``percentile`` — the ``p``-th percentile of the upper tail and the ``(100-p)``-th of the lower tail;
 * ``mse`` — the range that minimises the expected quantization error (clipping + rounding) of the
   observed histogram, searched over shrunk versions of the min/max range.
-All estimators keep 0 inside the range (asymmetric grids then represent 0 exactly).
+The grid built from a range (:func:`~zsq.quant.primitives.scale_zero_point`) always widens it to contain 0.
 """
 
 from __future__ import annotations

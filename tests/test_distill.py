@@ -1,0 +1,315 @@
+"""zsq.distill: ZeroQ distilled data, Gaussian baseline, image grid; model state always restored."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from zsq.bn_stats import batchnorm_targets, bn_loss, capture_bn_inputs, channel_stats
+from zsq.config import DistillConfig
+from zsq.distill import DistillResult, distill, gaussian_inputs, natural_input_stats, save_image_grid
+from zsq.distill.zeroq import distill_loss
+from zsq.errors import ConfigError, NoBatchNormError
+from zsq.fold import fold_batchnorm
+from zsq.models.preprocessing import Preprocessing
+
+FAST = dict(num_batches=1, batch_size=8, iterations=30, lr=0.2)
+
+
+def _cfg(**kw) -> DistillConfig:
+    return DistillConfig(**{**FAST, **kw})
+
+
+def _bn_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _state(model: nn.Module):
+    return (
+        {n: m.training for n, m in model.named_modules()},
+        {n: p.requires_grad for n, p in model.named_parameters()},
+        {k: v.clone() for k, v in model.state_dict().items()},
+    )
+
+
+def _assert_state_equal(model: nn.Module, state) -> None:
+    modes, flags, sd = state
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    now = model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in sd.items()), "parameters or BN statistics changed"
+    for m in _bn_modules(model):
+        assert len(m._forward_pre_hooks) == 0 and len(m._forward_hooks) == 0
+
+
+def _make_tick(n_ok: int):
+    """A counter shared by every (deep) copy of the module holding it: functions are not copied."""
+    calls = [0]
+
+    def tick() -> int:
+        calls[0] += 1
+        if calls[0] > n_ok:
+            raise RuntimeError("simulated failure inside forward")
+        return calls[0]
+
+    tick.calls = calls  # type: ignore[attr-defined]
+    return tick
+
+
+class Bomb(nn.Module):
+    """Identity that raises after ``n_ok`` calls (a leaf for zsq's tracer, so it also fires in traced copies)."""
+
+    zsq_leaf = True
+
+    def __init__(self, n_ok: int):
+        super().__init__()
+        self.tick = _make_tick(n_ok)
+
+    @property
+    def calls(self) -> int:
+        return self.tick.calls[0]
+
+    def forward(self, x):
+        self.tick()
+        return x
+
+
+class RaisesAfter(nn.Module):
+    """Wraps a model; its forward raises after ``n_ok`` successful calls (after the BN layers ran)."""
+
+    def __init__(self, inner: nn.Module, n_ok: int):
+        super().__init__()
+        self.inner = inner
+        self.bomb = Bomb(n_ok)
+
+    def forward(self, x):
+        return self.bomb(self.inner(x))
+
+
+# --------------------------------------------------------------------------------------------
+# ZeroQ distillation
+# --------------------------------------------------------------------------------------------
+
+
+def test_distill_lowers_bn_loss(tiny_model, tiny_preprocessing):
+    res = distill(tiny_model, tiny_preprocessing, _cfg(seed=1), progress=False)
+    assert isinstance(res, DistillResult)
+    assert res.inputs.shape == (8, 3, 16, 16)
+    assert res.iterations == [30]
+    assert len(res.losses) == len(res.initial_losses) == 1
+    assert res.losses[0] < 0.9 * res.initial_losses[0]
+    # The distilled inputs match the BN statistics better than the Gaussian baseline.
+    assert distill_loss(tiny_model, res.inputs) < distill_loss(tiny_model, gaussian_inputs(8, tiny_preprocessing, seed=1))
+    d = res.to_dict()
+    assert d["num_inputs"] == 8 and d["iterations"] == [30] and d["seconds"] >= 0
+
+
+def test_reported_loss_is_the_bn_loss_of_the_model(tiny_model, tiny_preprocessing):
+    """The loss distillation reports is ZeroQ's BN loss of the (unfolded) model at its inputs: one
+    near-zero step leaves the inputs at their initial values, whose BN loss we recompute with hooks
+    on the user's own BatchNorm layers."""
+    res = distill(tiny_model, tiny_preprocessing, _cfg(iterations=1, lr=1e-7, input_weight=0.0), progress=False)
+    targets = batchnorm_targets(tiny_model)
+    with torch.no_grad(), capture_bn_inputs(targets) as stats:
+        tiny_model(res.inputs)
+        expected = float(bn_loss(targets, stats))
+    assert res.initial_losses[0] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert distill_loss(tiny_model, res.inputs) == pytest.approx(expected, rel=1e-6)
+
+
+def test_distill_several_batches(tiny_model, tiny_preprocessing):
+    res = distill(tiny_model, tiny_preprocessing, _cfg(num_batches=2, batch_size=3, iterations=5), progress=False)
+    assert res.inputs.shape == (6, 3, 16, 16)
+    assert len(res.losses) == len(res.initial_losses) == len(res.iterations) == 2
+    assert not torch.equal(res.inputs[:3], res.inputs[3:])
+
+
+def test_distill_is_deterministic_per_seed(tiny_model, tiny_preprocessing):
+    a = distill(tiny_model, tiny_preprocessing, _cfg(seed=3, iterations=10), progress=False)
+    b = distill(tiny_model, tiny_preprocessing, _cfg(seed=3, iterations=10), progress=False)
+    c = distill(tiny_model, tiny_preprocessing, _cfg(seed=4, iterations=10), progress=False)
+    assert torch.equal(a.inputs, b.inputs)
+    assert a.losses == b.losses and a.initial_losses == b.initial_losses
+    assert not torch.equal(a.inputs, c.inputs)
+
+
+def test_distill_does_not_depend_on_global_rng(tiny_model, tiny_preprocessing):
+    torch.manual_seed(123)
+    a = distill(tiny_model, tiny_preprocessing, _cfg(iterations=3), progress=False)
+    torch.manual_seed(456)
+    b = distill(tiny_model, tiny_preprocessing, _cfg(iterations=3), progress=False)
+    assert torch.equal(a.inputs, b.inputs)
+
+
+@pytest.mark.parametrize("init", ["gaussian", "uniform"])
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "plateau"])
+def test_distill_outputs_within_input_range(tiny_model, tiny_preprocessing, init, schedule):
+    # lr large enough that unclipped inputs would leave the range
+    res = distill(tiny_model, tiny_preprocessing, _cfg(iterations=8, lr=1.0, init=init, schedule=schedule), progress=False)
+    lo, hi = tiny_preprocessing.input_range()
+    x = res.inputs
+    assert torch.isfinite(x).all()
+    assert (x >= lo.view(1, -1, 1, 1)).all() and (x <= hi.view(1, -1, 1, 1)).all()
+
+
+def test_distill_range_follows_preprocessing(tiny_model):
+    pre = Preprocessing(input_size=(12, 10), resize=None, mean=(0.2, 0.5, 0.8), std=(0.1, 0.3, 0.2))
+    res = distill(tiny_model, pre, _cfg(iterations=5, batch_size=2, lr=1.0), progress=False)
+    assert res.inputs.shape == (2, 3, 12, 10)
+    lo, hi = pre.input_range()
+    assert torch.allclose(lo, torch.tensor([-2.0, -5.0 / 3, -4.0]))
+    assert (res.inputs >= lo.view(1, -1, 1, 1)).all() and (res.inputs <= hi.view(1, -1, 1, 1)).all()
+
+
+def test_early_stop(tiny_model, tiny_preprocessing):
+    res = distill(tiny_model, tiny_preprocessing, _cfg(iterations=50, early_stop_loss=1e6), progress=False)
+    assert res.iterations == [1]
+
+
+def test_distill_leaves_model_untouched(tiny_model, tiny_preprocessing):
+    tiny_model.train()
+    tiny_model.bn2.eval()
+    tiny_model.fc.weight.requires_grad_(False)
+    state = _state(tiny_model)
+    distill(tiny_model, tiny_preprocessing, _cfg(iterations=5), progress=False)
+    _assert_state_equal(tiny_model, state)  # running stats unchanged: distillation ran in eval mode
+    assert all(p.grad is None for p in tiny_model.parameters())
+
+
+@pytest.mark.parametrize("n_ok", [0, 3])
+def test_hooks_removed_and_state_restored_after_exception(tiny_model, tiny_preprocessing, n_ok):
+    wrapped = RaisesAfter(tiny_model, n_ok)
+    wrapped.train()
+    tiny_model.bn1.eval()
+    tiny_model.conv1.weight.requires_grad_(False)
+    state = _state(wrapped)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        distill(wrapped, tiny_preprocessing, _cfg(iterations=10), progress=False)
+    assert wrapped.bomb.calls == n_ok + 1
+    _assert_state_equal(wrapped, state)
+    assert tiny_model.training and not tiny_model.bn1.training
+    assert not tiny_model.conv1.weight.requires_grad and tiny_model.conv2.weight.requires_grad
+    # Still fully usable afterwards.
+    res = distill(tiny_model, tiny_preprocessing, _cfg(iterations=2), progress=False)
+    assert res.inputs.shape[0] == 8
+
+
+def test_distill_without_batchnorm_raises(tiny_model_nobn, tiny_model, tiny_preprocessing):
+    with pytest.raises(NoBatchNormError, match="BatchNorm") as info:
+        distill(tiny_model_nobn, tiny_preprocessing, _cfg(), progress=False)
+    assert isinstance(info.value, ValueError)
+    folded, _ = fold_batchnorm(tiny_model)
+    with pytest.raises(NoBatchNormError):
+        distill(folded, tiny_preprocessing, _cfg(), progress=False)
+    with pytest.raises(NoBatchNormError):
+        distill_loss(tiny_model_nobn, torch.zeros(2, 3, 16, 16))
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(iterations=0), dict(batch_size=-1), dict(num_batches=True), dict(lr=0.0), dict(schedule="step"),
+               dict(init="zeros"), dict(input_weight=-1.0), dict(early_stop_loss=-0.1)],
+)
+def test_distill_config_validation(kwargs):
+    with pytest.raises(ConfigError):
+        DistillConfig(**kwargs)
+
+
+def test_distill_config_round_trip():
+    cfg = _cfg(seed=9, schedule="plateau")
+    assert DistillConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown"):
+        DistillConfig.from_dict({"iters": 3})
+
+
+# --------------------------------------------------------------------------------------------
+# BN statistics helpers
+# --------------------------------------------------------------------------------------------
+
+
+def test_bn_loss_zero_when_statistics_match(tiny_model):
+    targets = batchnorm_targets(tiny_model)
+    assert [t.name for t in targets] == [n for n, m in tiny_model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    stats = {t.name: (t.mean.clone(), t.std.clone()) for t in targets}
+    assert float(bn_loss(targets, stats)) == 0.0
+    stats[targets[0].name] = (targets[0].mean + 1.0, targets[0].std)
+    assert float(bn_loss(targets, stats)) == pytest.approx(1.0 / len(targets))
+
+
+def test_channel_stats():
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1)
+    mean, std = channel_stats(x)
+    assert torch.allclose(mean, x.mean(dim=(0, 2, 3)), atol=1e-6)
+    assert torch.allclose(std, x.std(dim=(0, 2, 3), unbiased=False), atol=1e-5)
+
+
+def test_capture_bn_inputs_removes_hooks_on_exception(tiny_model):
+    targets = batchnorm_targets(tiny_model)
+    with pytest.raises(KeyError):
+        with capture_bn_inputs(targets) as stats:
+            assert all(len(m._forward_pre_hooks) == 1 for m in _bn_modules(tiny_model))
+            tiny_model(torch.randn(2, 3, 16, 16))
+            assert set(stats) == {t.name for t in targets}
+            raise KeyError("x")
+    assert all(len(m._forward_pre_hooks) == 0 for m in _bn_modules(tiny_model))
+
+
+# --------------------------------------------------------------------------------------------
+# Gaussian baseline and input statistics
+# --------------------------------------------------------------------------------------------
+
+
+def test_gaussian_inputs(tiny_preprocessing):
+    x = gaussian_inputs(64, tiny_preprocessing, seed=5)
+    assert x.shape == (64, 3, 16, 16) and x.dtype == torch.float32
+    lo, hi = tiny_preprocessing.input_range()
+    assert (x >= lo.view(1, -1, 1, 1)).all() and (x <= hi.view(1, -1, 1, 1)).all()
+    # Standard normal (clipped at +-2 for this preprocessing): mean ~0, std a bit below 1, some clipping.
+    assert abs(float(x.mean())) < 0.05
+    assert 0.8 < float(x.std()) < 1.0
+    assert bool((x == hi.view(1, -1, 1, 1)).any()) and bool((x == lo.view(1, -1, 1, 1)).any())
+    assert torch.equal(x, gaussian_inputs(64, tiny_preprocessing, seed=5))
+    assert not torch.equal(x, gaussian_inputs(64, tiny_preprocessing, seed=6))
+    assert torch.equal(gaussian_inputs(8, tiny_preprocessing, seed=5), x[:8])
+
+
+def test_gaussian_inputs_do_not_touch_global_rng(seed, tiny_preprocessing):
+    state = torch.get_rng_state()
+    gaussian_inputs(4, tiny_preprocessing, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_natural_input_stats():
+    imagenet = Preprocessing()
+    m, s = natural_input_stats(imagenet)
+    assert torch.allclose(m, torch.zeros(3), atol=1e-6) and torch.allclose(s, torch.ones(3), atol=1e-6)
+    pre = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    m, s = natural_input_stats(pre)
+    assert torch.allclose(m, (torch.tensor([0.485, 0.456, 0.406]) - 0.5) / 0.5)
+
+
+# --------------------------------------------------------------------------------------------
+# Image grid
+# --------------------------------------------------------------------------------------------
+
+
+def test_save_image_grid_writes_png(tmp_path, tiny_preprocessing):
+    x = gaussian_inputs(5, tiny_preprocessing, seed=0)
+    path = save_image_grid(x, tiny_preprocessing, tmp_path / "sub" / "grid.png")
+    assert path.exists()
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.mode == "RGB"
+        # 5 images of 16x16 -> 3 columns x 2 rows with 2 px padding, upscaled 96 // 16 = 6 times.
+        assert im.size == ((3 * 18 + 2) * 6, (2 * 18 + 2) * 6)
+        im.load()
+
+
+def test_save_image_grid_limits_images(tmp_path):
+    pre = Preprocessing(input_size=(100, 100), resize=None)
+    x = torch.zeros(10, 3, 100, 100)
+    path = save_image_grid(x, pre, tmp_path / "g.png", max_images=4, pad=0)
+    with Image.open(path) as im:
+        assert im.size == (200, 200)  # 2x2 grid, no upscaling for large images
+        assert im.getpixel((50, 50)) == tuple(round(v * 255) for v in pre.mean)
