@@ -266,13 +266,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import CONFIG_FILE, load_quantized
+    from .checkpoint import load_quantized
     from .data import check_labels, load_dataset
     from .evaluate import compare, evaluate
     from .models import load_model
 
     target = Path(args.target)
-    if target.is_dir() and (target / CONFIG_FILE).exists():
+    if target.is_dir():
         qmodel, spec, meta = load_quantized(target)
         ds = load_dataset(args.data, spec.preprocessing, limit=args.limit, split=args.split)
         check_labels(ds, spec.num_classes)

@@ -36,7 +36,7 @@ RANDOM_WEIGHTS_SEED = 0
 IMAGENET_PREPROCESSING = Preprocessing(input_size=(224, 224), resize=256)
 
 ACCEPTED_FORMS = (
-    "a registry name (as listed by zsq.models.list_models()), 'torchvision:NAME' (a torchvision classifier, e.g. "
+    "a registry name (see `zsq models`), 'torchvision:NAME' (a torchvision classifier, e.g. "
     "torchvision:resnet18), or 'package.module:factory' (a function returning an nn.Module, importable "
     "from the current directory or PYTHONPATH; pass its weights with --weights PATH)"
 )

@@ -1,0 +1,38 @@
+"""Deployment: ONNX export (QDQ int8 and FP32) and ONNX Runtime benchmarks.
+
+``export_onnx(qmodel, path, example_input=x)`` writes the quantized model as a QDQ graph that ONNX
+Runtime fuses into integer kernels; ``export_fp32_onnx`` writes the float model for comparison.
+Needs the optional ``onnx`` and ``onnxruntime`` packages (``pip install 'zsq[onnx]'``).
+"""
+
+from .onnx_qdq import (
+    DEFAULT_OPSET,
+    ExportReport,
+    LayerExport,
+    compare_onnx,
+    export_checkpoint,
+    export_fp32_onnx,
+    export_onnx,
+    export_pair,
+    load_session,
+    logit_step,
+    ort_op_counts,
+    run_onnx,
+    snap_biases,
+)
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "ExportReport",
+    "LayerExport",
+    "compare_onnx",
+    "export_checkpoint",
+    "export_fp32_onnx",
+    "export_onnx",
+    "export_pair",
+    "load_session",
+    "logit_step",
+    "ort_op_counts",
+    "run_onnx",
+    "snap_biases",
+]
