@@ -7,6 +7,10 @@ SHARED ?= ../shared
 # torch/torchvision pinned to the builds this project is tested with (installable offline here).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DEMO_OUT ?= runs/demo-efficientnet_lite0-w8a8
+# Allocator / OpenMP settings that make PyTorch faster on small shared CPUs (see BENCHMARKS.md).
+export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
+export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup demo test clean
 

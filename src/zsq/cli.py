@@ -318,19 +318,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-# glibc returns every large allocation to the OS and page-faults it back on the next one; with
-# the activation tensors of a CNN that made inference and distillation 2-4x slower on this CPU
-# (measured: EfficientNet-Lite0 inference at batch 100, 12 -> 51 images/s). These keep freed
-# memory in the process. They must be set before the process starts, hence the re-exec.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+# Process environment that makes PyTorch much faster on small shared CPUs (measured on the 2-core
+# development machine, see BENCHMARKS.md "Runtime environment"):
+# * glibc returns every large allocation to the OS and page-faults it back on the next one; with
+#   the activation tensors of a CNN that made inference 2-4x slower (EfficientNet-Lite0 at batch 100:
+#   12 -> 51 images/s). The thresholds keep freed memory in the process.
+# * OpenMP's default spin-waiting burns the cores other processes need; with other processes busy it
+#   made ResNet-20 inference 2.5-6x slower than OMP_WAIT_POLICY=PASSIVE.
+# They must be set before the process starts, hence the re-exec. Values the user set are kept.
+RUNTIME_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296",
+               "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def entry() -> None:  # pragma: no cover - console-script wrapper
     """Console entry point: set the allocator environment (re-exec once), then run :func:`main`."""
     if sys.platform.startswith("linux") and os.environ.get("ZSQ_NO_REEXEC") != "1" and any(
-        k not in os.environ for k in MALLOC_ENV
+        k not in os.environ for k in RUNTIME_ENV
     ):
-        env = {**os.environ, **{k: v for k, v in MALLOC_ENV.items() if k not in os.environ}, "ZSQ_NO_REEXEC": "1"}
+        env = {**os.environ, **{k: v for k, v in RUNTIME_ENV.items() if k not in os.environ}, "ZSQ_NO_REEXEC": "1"}
         try:
             os.execve(sys.executable, [sys.executable, "-m", "zsq.cli", *sys.argv[1:]], env)
         except OSError:

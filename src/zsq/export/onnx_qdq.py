@@ -55,7 +55,8 @@ from ..state import eval_mode
 DEFAULT_OPSET = 17
 MIN_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
 MAX_OPSET = 21  # newest opset this exporter is tested with (ONNX Runtime >= 1.18)
-WEIGHT_TYPES = ("uint8", "int8")  # ONNX container of symmetric integer weights (see _Exporter._int_weight)
+WEIGHT_TYPES = ("auto", "uint8", "int8")  # ONNX container of symmetric integer weights (see _Exporter._int_weight)
+U8S8_SAFE_MAX = 64  # 2 * 255 * 64 <= 32767: u8s8 pairs cannot saturate 16 bits
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 BATCH_DIM = "N"
@@ -102,6 +103,7 @@ class LayerExport:
     wbits: int | None  # None: float weights
     lowering: str  # "qdq" (ORT fuses to QLinearConv/QGemm), "conv_integer", "float"
     params: int
+    container: str = "float32"  # ONNX dtype of the stored weight: int8, uint8 (zero-point 128) or float32
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -375,9 +377,10 @@ class _Writer:
 
 class _Exporter:
     def __init__(self, gm: fx.GraphModule, shapes: dict[fx.Node, tuple[int, ...]], *, opset: int, quantized: bool,
-                 weight_type: str = "uint8"):
+                 weight_type: str = "auto"):
         self.gm = gm
         self.weight_type = weight_type
+        self.containers: dict[int, str] = {}
         self.shapes = shapes
         self.opset = opset
         self.quantized = quantized
@@ -639,23 +642,35 @@ class _Exporter:
         self.val[n] = out
         self.qinfo[out] = _QInfo(qt, float(np.float32(float(q.scale))), int(q.zero_point), dtype)
 
-    def _int_weight(self, wq: Any, weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray, Any]:
-        """Integer weights in their ONNX container, per-channel zero-points, container dtype.
+    def _int_weight(self, mod: nn.Module, weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray, Any]:
+        """Integer weights in their ONNX container, zero-points, container dtype (np.int8 / np.uint8).
 
-        Symmetric weights (int grid, zero-point 0) go into uint8 shifted by 128 (zero-point 128) when
-        ``weight_type == "uint8"``: the same real values, computed by ONNX Runtime's u8u8 kernels,
-        which are exact on every x86 CPU. With int8 weights ONNX Runtime uses u8s8 kernels that, on
-        CPUs without VNNI, add pairs of products in saturating 16-bit arithmetic (VPMADDUBSW), so
-        results can differ from the fake-quantized model (see the ONNX Runtime quantization docs).
+        Symmetric (signed) weights go either into int8, or into uint8 shifted by 128 (zero-point 128:
+        the same real values). ONNX Runtime multiplies uint8 activations with int8 weights (u8s8) using
+        VPMADDUBSW on x86 CPUs without VNNI, which adds pairs of products in saturating 16-bit
+        arithmetic: exact only while ``2 * 255 * max|w| <= 32767``, i.e. ``max|w| <= 64`` (7-bit
+        weights). Its u8u8 kernels are exact everywhere but, without VNNI, no faster than float.
+        ``weight_type="auto"`` uses int8 where the result is exact on every CPU (depthwise convs, which
+        have their own kernel, and layers whose integer weights satisfy ``max|w| <= 64``) and uint8
+        elsewhere; ``"int8"`` always uses int8 (exact and fast on VNNI CPUs, may saturate on AVX2-only
+        ones); ``"uint8"`` always uses uint8.
         """
+        wq = mod.weight_quantizer
         q = wq.integer(weight).cpu().numpy().astype(np.int32)
         zp = wq.zero_point.detach().cpu().numpy().astype(np.int32)
         qmin, _ = wq.qrange
-        if qmin < 0 and self.weight_type == "int8":
+        if qmin >= 0:  # asymmetric weights: already unsigned
+            self.containers[id(mod)] = "uint8"
+            return q.astype(np.uint8), zp.astype(np.uint8), np.uint8
+        signed = self.weight_type == "int8"
+        if self.weight_type == "auto":
+            depthwise = isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.groups > 1 and \
+                mod.groups == mod.in_channels == mod.out_channels
+            signed = depthwise or int(np.abs(q).max(initial=0)) <= U8S8_SAFE_MAX
+        self.containers[id(mod)] = "int8" if signed else "uint8"
+        if signed:
             return q.astype(np.int8), zp.astype(np.int8), np.int8
-        if qmin < 0:
-            return (q + 128).astype(np.uint8), (zp + 128).astype(np.uint8), np.uint8
-        return q.astype(np.uint8), zp.astype(np.uint8), np.uint8
+        return (q + 128).astype(np.uint8), (zp + 128).astype(np.uint8), np.uint8
 
     def _weight(self, mod: nn.Module, hint: str, *, transpose: bool = False) -> tuple[str, Any, int | None]:
         """The weight as an ONNX tensor name; returns (name, weight quantizer or None, bits)."""
@@ -669,7 +684,7 @@ class _Exporter:
             name = w.const(hint + ".weight", arr.T.copy() if transpose else arr)
             w.weight_names[name] = 32
             return name, None, None
-        qarr, zp, dtype = self._int_weight(wq, weight)
+        qarr, zp, dtype = self._int_weight(mod, weight)
         axis = 0
         if transpose:
             qarr, axis = qarr.T.copy(), 1
@@ -741,14 +756,15 @@ class _Exporter:
             lowering = "float"
         elif wq is not None and xq is None and self.quantized:
             self.notes.append(f"layer {hint!r}: quantized weights but a float input; it runs as a float convolution")
-        self.layers.append(LayerExport(hint, kind, bits, lowering, int(mod.weight.numel())))
+        self.layers.append(LayerExport(hint, kind, bits, lowering, int(mod.weight.numel()),
+                                       self.containers.get(id(mod), "float32")))
 
     def emit_conv_integer(self, n: fx.Node, mod: nn.Module, xq: _QInfo, attrs: dict, hint: str, kind: str) -> None:
         """ConvInteger -> Cast -> Mul(x_scale * w_scale) -> Add(bias): the exact integer form of a
         fake-quantized conv whose output stays float."""
         w = self.w
         wq = mod.weight_quantizer
-        q, zp, dtype = self._int_weight(wq, mod.weight.detach().cpu().float())
+        q, zp, dtype = self._int_weight(mod, mod.weight.detach().cpu().float())
         wname = w.const(hint + ".weight_q", q)
         w.weight_names[wname] = int(wq.bits)
         ins = [xq.int_name, wname, w.const(hint + ".x_zero_point", np.asarray(xq.zero_point, np.uint8))]
@@ -763,7 +779,8 @@ class _Exporter:
         if mod.bias is not None:
             out = w.node("Add", [out, w.const(hint + ".bias", mod.bias.detach().cpu().float().numpy().reshape(bcast))], hint)
         self.val[n] = out
-        self.layers.append(LayerExport(hint, kind, int(wq.bits), "conv_integer", int(mod.weight.numel())))
+        self.layers.append(LayerExport(hint, kind, int(wq.bits), "conv_integer", int(mod.weight.numel()),
+                                       self.containers[id(mod)]))
 
     def _conv_pads(self, n: fx.Node, mod: nn.Module, nd: int) -> list[int]:
         k, d = list(mod.kernel_size), list(mod.dilation)
@@ -804,7 +821,8 @@ class _Exporter:
                 out = w.node("Add", [out, w.const(hint + ".bias", mod.bias.detach().cpu().float().numpy())], hint)
             self.val[n] = out
         lowering = "qdq" if (wq is not None and xq is not None) else "float"
-        self.layers.append(LayerExport(hint, "Linear", bits, lowering, int(mod.weight.numel())))
+        self.layers.append(LayerExport(hint, "Linear", bits, lowering, int(mod.weight.numel()),
+                                       self.containers.get(id(mod), "float32")))
 
     def emit_adaptive_avg(self, n: fx.Node, output_size: Any) -> None:
         w = self.w
@@ -1024,7 +1042,7 @@ def export_onnx(
     *,
     example_input: torch.Tensor,
     opset: int = DEFAULT_OPSET,
-    weight_type: str = "uint8",
+    weight_type: str = "auto",
     verify: bool = True,
 ) -> ExportReport:
     """Write ``qmodel`` (made by :func:`zsq.quantize` and calibrated) as a QDQ ONNX graph.

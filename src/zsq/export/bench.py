@@ -1,0 +1,221 @@
+"""ONNX Runtime latency/throughput of several ONNX files of one model, measured side by side.
+
+Timing is *interleaved*: every repetition runs each model once (in an order that rotates from one
+repetition to the next), so that machine load that comes and goes hits all models alike. The
+minimum is the best estimate of what the hardware can do; the median shows the typical run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import ConfigError, ExportError
+from .onnx_qdq import INT8_CONV_OPS, FLOAT_CONV_OPS, load_session, ort_op_counts, session_options
+
+DEFAULT_REPS = 20
+DEFAULT_WARMUP = 3
+DEFAULT_THREADS = 2
+DEFAULT_BATCHES = (1, 32)
+
+
+@dataclass
+class Timing:
+    model: str
+    batch: int
+    times_ms: list[float] = field(default_factory=list)
+
+    @property
+    def min_ms(self) -> float:
+        return min(self.times_ms)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms)
+
+    @property
+    def images_per_s(self) -> float:
+        """Throughput at the median time."""
+        return 1000.0 * self.batch / self.median_ms
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "batch": self.batch, "min_ms": round(self.min_ms, 3),
+                "median_ms": round(self.median_ms, 3), "images_per_s": round(self.images_per_s, 1),
+                "reps": len(self.times_ms)}
+
+
+@dataclass
+class BenchResult:
+    models: dict[str, str]  # label -> path
+    threads: int
+    reps: int
+    timings: dict[tuple[str, int], Timing]
+    file_bytes: dict[str, int]
+    ort_ops: dict[str, dict[str, int]]
+    baseline: str
+    environment: dict[str, Any] = field(default_factory=dict)
+
+    def speedup(self, model: str, batch: int, stat: str = "median") -> float:
+        base = self.timings[(self.baseline, batch)]
+        t = self.timings[(model, batch)]
+        return getattr(base, f"{stat}_ms") / getattr(t, f"{stat}_ms")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "models": dict(self.models),
+            "threads": self.threads,
+            "reps": self.reps,
+            "baseline": self.baseline,
+            "file_bytes": dict(self.file_bytes),
+            "ort_ops": {k: dict(v) for k, v in self.ort_ops.items()},
+            "timings": [dict(t.to_dict(), speedup_min=round(self.speedup(t.model, t.batch, "min"), 3),
+                             speedup_median=round(self.speedup(t.model, t.batch, "median"), 3))
+                        for t in self.timings.values()],
+            "environment": dict(self.environment),
+        }
+
+    def table(self) -> str:
+        """A markdown table: one row per model and batch size."""
+        rows = ["| model | batch | min ms | median ms | images/s | speed-up vs "
+                f"{self.baseline} (min / median) | file MB | int8 / float convs |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for (label, batch), t in self.timings.items():
+            ops = self.ort_ops.get(label, {})
+            i8 = sum(ops.get(o, 0) for o in INT8_CONV_OPS)
+            fl = sum(ops.get(o, 0) for o in FLOAT_CONV_OPS)
+            rows.append(f"| {label} | {batch} | {t.min_ms:.2f} | {t.median_ms:.2f} | {t.images_per_s:.0f} | "
+                        f"{self.speedup(label, batch, 'min'):.2f}x / {self.speedup(label, batch, 'median'):.2f}x | "
+                        f"{self.file_bytes[label] / 1e6:.2f} | {i8} / {fl} |")
+        return "\n".join(rows)
+
+
+def _input_spec(sess: Any) -> tuple[str, list[int]]:
+    inp = sess.get_inputs()[0]
+    shape = [d if isinstance(d, int) else -1 for d in inp.shape]
+    if any(d < 1 for d in shape[1:]):
+        raise ExportError(f"the model input {inp.name!r} has a dynamic non-batch dimension {inp.shape}; "
+                          "bench-deploy needs fixed channels and spatial size")
+    return inp.name, shape
+
+
+def environment() -> dict[str, Any]:
+    """CPU, load and library versions, to print next to timings."""
+    import platform
+
+    import onnxruntime as ort
+
+    env: dict[str, Any] = {"onnxruntime": ort.__version__, "python": platform.python_version(),
+                           "cpus": os.cpu_count()}
+    try:
+        env["load_avg_1_5_15"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        pass
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info = fh.read()
+        for line in info.splitlines():
+            if line.startswith("model name"):
+                env["cpu"] = line.split(":", 1)[1].strip()
+                break
+        flags = next((l for l in info.splitlines() if l.startswith("flags")), "")
+        env["avx2"] = " avx2" in flags
+        env["avx512_vnni"] = "avx512_vnni" in flags
+        env["avx_vnni"] = " avx_vnni" in flags
+    except OSError:  # pragma: no cover
+        pass
+    return env
+
+
+def bench(
+    models: Mapping[str, str | os.PathLike[str]],
+    *,
+    batches: Sequence[int] = DEFAULT_BATCHES,
+    reps: int = DEFAULT_REPS,
+    warmup: int = DEFAULT_WARMUP,
+    threads: int = DEFAULT_THREADS,
+    seed: int = 0,
+    baseline: str | None = None,
+    progress: bool = False,
+) -> BenchResult:
+    """Time every model in ``models`` (label -> .onnx path) at each batch size, interleaved.
+
+    Each session has ``threads`` intra-op threads and ONNX Runtime's full graph optimisations.
+    Inputs are the same random tensor for all models. ``baseline`` (default: the first label) is
+    what speed-ups are relative to.
+    """
+    if not models:
+        raise ConfigError("bench needs at least one model")
+    if reps < 1 or warmup < 0 or threads < 1:
+        raise ConfigError(f"reps must be >= 1, warmup >= 0 and threads >= 1 (got {reps}, {warmup}, {threads})")
+    if not batches or any(b < 1 for b in batches):
+        raise ConfigError(f"batch sizes must be positive integers, got {list(batches)}")
+    labels = list(models)
+    baseline = baseline or labels[0]
+    if baseline not in models:
+        raise ConfigError(f"baseline {baseline!r} is not one of {labels}")
+    sessions = {k: load_session(p, threads=threads, level="all") for k, p in models.items()}
+    specs = {k: _input_spec(s) for k, s in sessions.items()}
+    shapes = {tuple(s[1][1:]) for s in specs.values()}
+    if len(shapes) != 1:
+        raise ConfigError(f"the models take inputs of different shapes {sorted(shapes)}; bench models of one network")
+    rng = np.random.default_rng(seed)
+    sample_shape = next(iter(shapes))
+    timings: dict[tuple[str, int], Timing] = {}
+    for b in batches:
+        x = rng.standard_normal((b, *sample_shape)).astype(np.float32)
+        for k in labels:
+            timings[(k, b)] = Timing(k, b)
+            for _ in range(warmup):
+                sessions[k].run(None, {specs[k][0]: x})
+        for r in range(reps):
+            order = labels[r % len(labels):] + labels[: r % len(labels)]
+            for k in order:
+                t0 = time.perf_counter()
+                sessions[k].run(None, {specs[k][0]: x})
+                timings[(k, b)].times_ms.append(1000.0 * (time.perf_counter() - t0))
+            if progress:
+                print(f"batch {b}: repetition {r + 1}/{reps}", end="\r", flush=True)
+        if progress:
+            print()
+    sizes = {k: Path(p).stat().st_size for k, p in models.items()}
+    ops = {k: ort_op_counts(p, level="all") for k, p in models.items()}
+    env = environment()
+    env.update({"threads": threads, "warmup": warmup})
+    return BenchResult({k: str(p) for k, p in models.items()}, threads, reps, timings, sizes, ops, baseline, env)
+
+
+def profile_ops(
+    path: str | os.PathLike[str], *, batch: int = 32, runs: int = 10, threads: int = DEFAULT_THREADS, seed: int = 0
+) -> dict[str, float]:
+    """Milliseconds per run spent in each operator type (ONNX Runtime's profiler), largest first."""
+    import onnxruntime as ort
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = session_options(threads=threads, level="all", profile_prefix=os.path.join(tmp, "zsq_profile"))
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        name, shape = _input_spec(sess)
+        x = np.random.default_rng(seed).standard_normal((batch, *shape[1:])).astype(np.float32)
+        for _ in range(2):
+            sess.run(None, {name: x})
+        for _ in range(runs):
+            sess.run(None, {name: x})
+        prof = sess.end_profiling()
+        events = json.loads(Path(prof).read_text())
+    per_op: dict[str, float] = {}
+    kernel_runs = 0
+    for e in events:
+        if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
+            continue
+        op = e.get("args", {}).get("op_name", "?")
+        per_op[op] = per_op.get(op, 0.0) + e.get("dur", 0) / 1000.0
+        kernel_runs += 1
+    total_runs = runs + 2
+    return dict(sorted(((k, v / total_runs) for k, v in per_op.items()), key=lambda kv: -kv[1]))
