@@ -76,7 +76,7 @@ def run_model(name: str, args) -> list[dict]:
     print(f"{name}: FP32 top-1 {fp_top1:.2f} on {fp['n']} images", flush=True)
 
     sources: dict[str, list[tuple[torch.Tensor, float]]] = {}
-    n_calib = args.batch_size
+    n_calib = DistillConfig(batch_size=args.batch_size).resolved_batch_size(spec.preprocessing.input_size)
     sources["gaussian"] = [(zsq.gaussian_inputs(n_calib, spec.preprocessing, seed=0), 0.0)]
     sources["real (held apart)"] = [(real_x[:n_calib], 0.0)]
     dcfg = DistillConfig(batch_size=args.batch_size, iterations=args.iters)
@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--iters", type=int, default=DistillConfig().iterations)
-    ap.add_argument("--batch-size", type=int, default=DistillConfig().batch_size)
+    ap.add_argument("--batch-size", type=int, default=None, help="distillation batch (default: zsq's)")
     ap.add_argument("--weight-estimator", default=QuantConfig().weight_estimator)
     ap.add_argument("--real-calib", type=int, default=32)
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N images (smoke runs)")

@@ -85,7 +85,8 @@ def _add_distill_args(p: argparse.ArgumentParser) -> None:
     d = DistillConfig()
     g = p.add_argument_group("distilled data (ZeroQ)")
     g.add_argument("--distill-batches", type=_pos_int, default=d.num_batches, help=f"batches (default {d.num_batches})")
-    g.add_argument("--distill-batch-size", type=_pos_int, default=d.batch_size, help=f"images per batch (default {d.batch_size})")
+    g.add_argument("--distill-batch-size", type=_pos_int, default=None,
+                   help="images per batch (default 32 for inputs up to 128x128 pixels, 16 for larger)")
     g.add_argument("--distill-iters", type=_pos_int, default=d.iterations, help=f"Adam iterations per batch (default {d.iterations})")
     g.add_argument("--distill-lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
     g.add_argument("--distill-schedule", choices=("constant", "cosine", "plateau"), default=d.schedule,

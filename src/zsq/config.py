@@ -115,13 +115,30 @@ class QuantConfig(_JsonMixin):
         return d
 
 
+# Default distillation batch: 32 inputs for small images (CIFAR-sized), 16 above LARGE_INPUT_PIXELS
+# (ImageNet-sized), where one forward+backward costs ~50x more. Chosen on distilled data: for
+# EfficientNet-Lite0, 16 inputs distilled for 25-100 iterations gave the same held-apart KL at
+# W8A8 (see BENCHMARKS.md, "How the defaults were chosen").
+DEFAULT_DISTILL_BATCH = 32
+DEFAULT_DISTILL_BATCH_LARGE = 16
+LARGE_INPUT_PIXELS = 128 * 128
+
+
+def default_distill_batch(input_size: tuple[int, int]) -> int:
+    h, w = input_size
+    return DEFAULT_DISTILL_BATCH_LARGE if h * w > LARGE_INPUT_PIXELS else DEFAULT_DISTILL_BATCH
+
+
 @dataclass(frozen=True)
 class DistillConfig(_JsonMixin):
     """ZeroQ distilled-data settings (see :func:`zsq.distill.distill`)."""
 
+    def resolved_batch_size(self, input_size: tuple[int, int]) -> int:
+        return self.batch_size if self.batch_size is not None else default_distill_batch(input_size)
+
     num_batches: int = 1
-    batch_size: int = 32
-    iterations: int = 200
+    batch_size: int | None = None  # None: DEFAULT_DISTILL_BATCH by input size (see resolved_batch_size)
+    iterations: int = 100
     lr: float = 0.2
     schedule: str = "cosine"
     input_weight: float = 1.0
@@ -132,6 +149,8 @@ class DistillConfig(_JsonMixin):
     def __post_init__(self) -> None:
         for name in ("num_batches", "batch_size", "iterations"):
             v = getattr(self, name)
+            if v is None and name == "batch_size":
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         if not self.lr > 0:

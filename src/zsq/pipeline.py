@@ -76,7 +76,7 @@ def calibration_inputs(model: nn.Module, spec: Any, cfg: RunConfig, *, progress:
     """The calibration inputs for ``cfg.calib`` and a small info dict for the report."""
     from .distill import distill, gaussian_inputs
 
-    n_default = cfg.distill.num_batches * cfg.distill.batch_size
+    n_default = cfg.distill.num_batches * cfg.distill.resolved_batch_size(spec.preprocessing.input_size)
     if cfg.calib == "distilled":
         res = distill(model, spec.preprocessing, dataclasses.replace(cfg.distill, seed=cfg.seed),
                       device=cfg.device, progress=progress)

@@ -87,6 +87,7 @@ def distill(
     lo, hi = (t.to(device).view(1, -1, 1, 1) for t in preprocessing.input_range())
     in_mean, in_std = (t.to(device) for t in natural_input_stats(preprocessing))
     h, w = preprocessing.input_size
+    batch_size = cfg.resolved_batch_size((h, w))
     gen = torch.Generator().manual_seed(cfg.seed)
     out, result = [], DistillResult(inputs=torch.empty(0))
     t0 = time.perf_counter()
@@ -101,9 +102,9 @@ def distill(
         try:
             for b in range(cfg.num_batches):
                 if cfg.init == "gaussian":
-                    x0 = torch.randn(cfg.batch_size, channels, h, w, generator=gen)
+                    x0 = torch.randn(batch_size, channels, h, w, generator=gen)
                 else:
-                    x0 = torch.rand(cfg.batch_size, channels, h, w, generator=gen) * 2 - 1
+                    x0 = torch.rand(batch_size, channels, h, w, generator=gen) * 2 - 1
                 x = torch.max(torch.min(x0.to(device), hi), lo).requires_grad_(True)
                 opt = torch.optim.Adam([x], lr=cfg.lr)
                 plateau = (

@@ -191,10 +191,31 @@ def bench(
     return BenchResult({k: str(p) for k, p in models.items()}, threads, reps, timings, sizes, ops, baseline, env)
 
 
+def _conv_kind(op: str, shapes: list[dict[str, list[int]]]) -> str:
+    """depthwise / pointwise (1x1) / dense kxk from the weight shape of a convolution's profile event."""
+    dims = [next(iter(s.values())) for s in shapes if s]
+    four = [d for d in dims if len(d) == 4]
+    if len(four) < 2:
+        return op
+    w = four[1]
+    if w[2] == 1 and w[3] == 1:
+        return f"{op} 1x1"
+    if w[1] == 1:
+        return f"{op} depthwise {w[2]}x{w[3]}"
+    return f"{op} dense {w[2]}x{w[3]}"
+
+
+CONV_KERNELS = ("Conv", "QLinearConv", "ConvInteger", "FusedConv", "NchwcConv")
+
+
 def profile_ops(
-    path: str | os.PathLike[str], *, batch: int = 32, runs: int = 10, threads: int = DEFAULT_THREADS, seed: int = 0
+    path: str | os.PathLike[str], *, batch: int = 32, runs: int = 10, threads: int = DEFAULT_THREADS, seed: int = 0,
+    split_convs: bool = False,
 ) -> dict[str, float]:
-    """Milliseconds per run spent in each operator type (ONNX Runtime's profiler), largest first."""
+    """Milliseconds per run spent in each operator type (ONNX Runtime's profiler), largest first.
+
+    With ``split_convs`` convolutions are split by kind (``QLinearConv depthwise 3x3``, ``Conv 1x1``, ...).
+    """
     import onnxruntime as ort
     import tempfile
 
@@ -210,12 +231,12 @@ def profile_ops(
         prof = sess.end_profiling()
         events = json.loads(Path(prof).read_text())
     per_op: dict[str, float] = {}
-    kernel_runs = 0
     for e in events:
         if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
             continue
         op = e.get("args", {}).get("op_name", "?")
+        if split_convs and op in CONV_KERNELS:
+            op = _conv_kind(op, e.get("args", {}).get("input_type_shape", []))
         per_op[op] = per_op.get(op, 0.0) + e.get("dur", 0) / 1000.0
-        kernel_runs += 1
     total_runs = runs + 2
     return dict(sorted(((k, v / total_runs) for k, v in per_op.items()), key=lambda kv: -kv[1]))

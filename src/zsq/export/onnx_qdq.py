@@ -341,6 +341,9 @@ class _QInfo:
     scale: float
     zero_point: int
     dtype: Any  # np.uint8 / np.int8
+    scale_name: str = ""
+    zp_name: str = ""
+    requant_safe: bool = False  # codes come from a node other than QuantizeLinear (see _block_double_qdq)
 
 
 class _Writer:
@@ -381,6 +384,7 @@ class _Exporter:
         self.gm = gm
         self.weight_type = weight_type
         self.containers: dict[int, str] = {}
+        self.off_grid_biases: list[str] = []
         self.shapes = shapes
         self.opset = opset
         self.quantized = quantized
@@ -451,6 +455,8 @@ class _Exporter:
                 bounds = _clip_bounds(gm, n)
                 if bounds is None:
                     continue
+                if _active_actq(gm, self.resolve(n.args[0])) is not None:
+                    continue  # applied to integer codes instead (emit_clip), see _block_double_qdq
                 users = self.users(n)
                 qs = [_active_actq(gm, u) for u in users]
                 if users and all(q is not None and bool(q.calibrated) and _quantizer_saturates_within(q, *bounds)
@@ -458,6 +464,11 @@ class _Exporter:
                     self.alias[n] = n.args[0]
 
     # -- helpers -------------------------------------------------------------------------------
+
+    def resolve(self, a: Any) -> Any:
+        while isinstance(a, fx.Node) and a in self.alias:
+            a = self.alias[a]
+        return a
 
     def v(self, a: Any, where: fx.Node) -> str:
         if isinstance(a, fx.Node):
@@ -603,9 +614,34 @@ class _Exporter:
             hs = w.node("HardSigmoid", [x], hint + ".hardsigmoid", alpha=1.0 / 6.0, beta=0.5)
             self.val[n] = w.node("Mul", [x, hs], hint)
 
+    def _integer_code(self, info: _QInfo, v: float) -> int | None:
+        """The integer code of ``v`` on ``info``'s grid when ``v`` lies exactly on it, else None."""
+        c = np.float32(v) / np.float32(info.scale)
+        if not np.isfinite(c) or c != np.round(c):
+            return None
+        code = int(np.round(c)) + info.zero_point
+        return code if np.float32((code - info.zero_point)) * np.float32(info.scale) == np.float32(v) else None
+
     def emit_clip(self, n: fx.Node, lo: float, hi: float) -> None:
         w = self.w
         x = self.v(n.args[0], n)
+        info = self.qinfo.get(x)
+        if info is not None:
+            # On a dequantized tensor whose bounds lie on its grid (ReLU: 0 is the zero-point), clamp the
+            # integer codes instead: exact, and it keeps ONNX Runtime from merging the quantizers around it.
+            lo_c = None if math.isinf(lo) else self._integer_code(info, lo)
+            hi_c = None if math.isinf(hi) else self._integer_code(info, hi)
+            if (lo_c is not None or math.isinf(lo)) and (hi_c is not None or math.isinf(hi)):
+                limits = np.iinfo(info.dtype)
+                lo_c = limits.min if lo_c is None else max(lo_c, limits.min)
+                hi_c = limits.max if hi_c is None else min(hi_c, limits.max)
+                qt = w.node("Clip", [info.int_name, w.const("clip_min", np.asarray(lo_c, info.dtype)),
+                                     w.const("clip_max", np.asarray(hi_c, info.dtype))], str(n.name) + ".codes")
+                s, z = self._scale_zp(info)
+                out = w.node("DequantizeLinear", [qt, s, z], str(n.name))
+                self.val[n] = out
+                self.qinfo[out] = _QInfo(qt, info.scale, info.zero_point, info.dtype, requant_safe=True)
+                return
         if lo == 0.0 and math.isinf(hi):
             self.val[n] = w.node("Relu", [x], str(n.name))
             return
@@ -623,7 +659,7 @@ class _Exporter:
             raise NotCalibratedError(f"activation quantizer {n.target!r} was never calibrated: run "
                                      "zsq.calibrate(model, data) before exporting")
         w = self.w
-        x = self.v(n.args[0], n)
+        x = self._block_double_qdq(self.v(n.args[0], n), str(n.target))
         hint = str(n.target)
         qmin, qmax = q.qrange
         dtype = np.int8 if q.symmetric else np.uint8
@@ -640,7 +676,26 @@ class _Exporter:
                                  w.const(hint + ".qmax", np.asarray(qmax, dtype=dtype))], hint + ".clip")
         out = w.node("DequantizeLinear", [qt, s, z], hint)
         self.val[n] = out
-        self.qinfo[out] = _QInfo(qt, float(np.float32(float(q.scale))), int(q.zero_point), dtype)
+        self.qinfo[out] = _QInfo(qt, float(np.float32(float(q.scale))), int(q.zero_point), dtype, s, z,
+                                 requant_safe=(qmin, qmax) != (info.min, info.max))
+
+    def _scale_zp(self, info: _QInfo) -> tuple[str, str]:
+        return info.scale_name, info.zp_name
+
+    def _block_double_qdq(self, x: str, hint: str) -> str:
+        """Re-quantizing a dequantized tensor (``Q1 -> DQ1 -> Q2``) as is would let ONNX Runtime's
+        DoubleQDQPairsRemover replace both quantizers by one with a *new* scale (the intersection of the
+        two ranges), which is not what zsq computes. An integer Clip over the full code range in front of
+        DQ1 (a no-op on the values) keeps the two roundings apart."""
+        info = self.qinfo.get(x)
+        if info is None or info.requant_safe:
+            return x
+        limits = np.iinfo(info.dtype)
+        w = self.w
+        qt = w.node("Clip", [info.int_name, w.const("clip_min", np.asarray(limits.min, info.dtype)),
+                             w.const("clip_max", np.asarray(limits.max, info.dtype))], hint + ".requant")
+        s, z = self._scale_zp(info)
+        return w.node("DequantizeLinear", [qt, s, z], hint + ".requant_input")
 
     def _int_weight(self, mod: nn.Module, weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray, Any]:
         """Integer weights in their ONNX container, zero-points, container dtype (np.int8 / np.uint8).
@@ -653,7 +708,7 @@ class _Exporter:
         ``weight_type="auto"`` uses int8 where the result is exact on every CPU (depthwise convs, which
         have their own kernel, and layers whose integer weights satisfy ``max|w| <= 64``) and uint8
         elsewhere; ``"int8"`` always uses int8 (exact and fast on VNNI CPUs, may saturate on AVX2-only
-        ones); ``"uint8"`` always uses uint8.
+        ones); ``"uint8"`` always uses uint8. ConvInteger layers always use uint8 (see emit_conv_integer).
         """
         wq = mod.weight_quantizer
         q = wq.integer(weight).cpu().numpy().astype(np.int32)
@@ -709,6 +764,8 @@ class _Exporter:
         bs = (np.float32(xq.scale) * np.asarray(ws, dtype=np.float32)).astype(np.float32)
         bs_full = np.broadcast_to(bs, b.shape).astype(np.float64)
         bq = np.round(b / bs_full)
+        if not np.array_equal((bq * bs_full).astype(np.float32), b.astype(np.float32)):
+            self.off_grid_biases.append(hint)
         if np.any(np.abs(bq) > INT32_MAX):
             self.notes.append(f"layer {hint!r}: bias saturated at the int32 range")
             bq = np.clip(bq, -INT32_MAX, INT32_MAX)
@@ -751,8 +808,11 @@ class _Exporter:
         self.val[n] = w.node("Conv", ins, hint, **attrs)
         lowering = "qdq" if (wq is not None and xq is not None) else "float"
         if lowering == "qdq" and not self._requantized(n):
-            self.notes.append(f"layer {hint!r}: output is not requantized and weights are asymmetric or "
-                              "activations signed, so it runs as a float convolution")
+            users = ", ".join(repr(u.name) for u in self.users(n))
+            why = ("its weights are asymmetric" if not wq.symmetric else
+                   "its input is signed int8" if xq.dtype is np.int8 else "its input is not a quantized tensor")
+            self.notes.append(f"layer {hint!r}: its output is not requantized (it feeds {users}) and {why}, so "
+                              "ONNX Runtime runs it as a float convolution")
             lowering = "float"
         elif wq is not None and xq is None and self.quantized:
             self.notes.append(f"layer {hint!r}: quantized weights but a float input; it runs as a float convolution")
@@ -764,7 +824,13 @@ class _Exporter:
         fake-quantized conv whose output stays float."""
         w = self.w
         wq = mod.weight_quantizer
-        q, zp, dtype = self._int_weight(mod, mod.weight.detach().cpu().float())
+        # ConvInteger always gets uint8 weights: exact (u8u8) on every CPU, and ONNX Runtime's ConvInteger
+        # with int8 weights measured 4x slower here (AMD EPYC, AVX2, ORT 1.32).
+        saved, self.weight_type = self.weight_type, "uint8"
+        try:
+            q, zp, dtype = self._int_weight(mod, mod.weight.detach().cpu().float())
+        finally:
+            self.weight_type = saved
         wname = w.const(hint + ".weight_q", q)
         w.weight_names[wname] = int(wq.bits)
         ins = [xq.int_name, wname, w.const(hint + ".x_zero_point", np.asarray(xq.zero_point, np.uint8))]
@@ -1013,7 +1079,7 @@ def snap_biases(qmodel: nn.Module) -> list[str]:
     thousandths of the output's quantization step, but in a deep network the rare codes it flips
     spread from layer to layer. After this call zsq's fake-quantized model and the exported graph
     add the same bias. Call it after :func:`zsq.calibrate` (it needs the input scales); calling it
-    again is harmless. Returns the names of the layers whose bias it set.
+    again changes nothing. Returns the names of the layers whose bias it changed.
     """
     gm = trace(qmodel)
     done: list[str] = []
@@ -1031,6 +1097,8 @@ def snap_biases(qmodel: nn.Module) -> list[str]:
         with torch.no_grad():
             b = mod.bias.detach().double()
             snapped = (torch.round(b / bs).clamp(-INT32_MAX, INT32_MAX) * bs).to(mod.bias.dtype)
+            if torch.equal(snapped, mod.bias.detach()):
+                continue
             mod.bias.copy_(snapped)
         done.append(str(node.target))
     return done
@@ -1075,6 +1143,14 @@ def export_onnx(
     shapes = _record_shapes(gm, x)
     ex = _Exporter(gm, shapes, opset=opset, quantized=True, weight_type=weight_type)
     ex.run()
+    if any(isinstance(m, ActQuantizer) and m.symmetric and m.enabled for m in qmodel.modules()):
+        ex.notes.append("signed (int8) activations: ONNX Runtime's CPU kernels fuse QDQ convolutions with uint8 "
+                        "activations only, so expect float convolutions (use asymmetric activations, zsq's default)")
+    if ex.off_grid_biases:
+        ex.notes.append(
+            f"{len(ex.off_grid_biases)} bias(es) (e.g. {ex.off_grid_biases[0]!r}) are not on the int32 grid the integer "
+            "kernels use, so ONNX Runtime adds a bias rounded by up to half a grid step; call "
+            "zsq.export.snap_biases(qmodel) after calibration for bit-level parity with the PyTorch model")
     bits = {l.name: l.wbits for l in ex.layers}
     cfg = getattr(qmodel, "zsq_config", None)
     meta = {"zsq.format": "qdq", "zsq.weight_bits": json.dumps(bits),
@@ -1260,6 +1336,7 @@ def export_checkpoint(
     opset: int = DEFAULT_OPSET,
     fp32_out: str | os.PathLike[str] | None = None,
     weights: str | None = None,
+    weight_type: str = "auto",
     verify: bool = True,
 ) -> tuple[ExportReport, ExportReport | None]:
     """Export a checkpoint directory written by ``zsq quantize --out DIR`` (and its FP32 model)."""
@@ -1273,7 +1350,11 @@ def export_checkpoint(
     qmodel, spec, meta = load_quantized(ckpt_dir)
     h, w = spec.preprocessing.input_size
     x = torch.zeros(1, 3, h, w)
-    rq = export_onnx(qmodel, out, example_input=x, opset=opset, verify=verify)
+    snapped = snap_biases(qmodel)  # checkpoints of older runs may hold biases off the int32 grid
+    rq = export_onnx(qmodel, out, example_input=x, opset=opset, weight_type=weight_type, verify=verify)
+    if snapped:
+        rq.notes.append(f"biases of {len(snapped)} layer(s) rounded to the int32 grid of input scale x weight "
+                        "scale, as the integer kernels add them")
     rf = None
     if fp32_out is not None:
         from ..models import load_model

@@ -1,0 +1,342 @@
+"""Deployment benchmark: zsq's QDQ ONNX export vs FP32 and vs ONNX Runtime's own quantize_static.
+
+For ResNet-20 (CIFAR-10) and EfficientNet-Lite0 (ImageNet):
+
+1. zsq's pipeline at W8A8 with distilled calibration data (short distillation), biases snapped to
+   the int32 grid (:func:`zsq.export.snap_biases`); exports of that model with the default weight
+   container (``auto``: exact on every x86 CPU) and with plain int8 weights (u8s8 kernels); a W7A8
+   model (7-bit weights: exact *and* u8s8 on CPUs without VNNI) and a W4A8 model (true low-bit size);
+2. the FP32 model exported to ONNX, and ONNX Runtime's ``quantize_static`` (QDQ, per-channel,
+   MinMax, uint8 activations, int8 weights; also with ``reduce_range``) calibrated on the same
+   distilled inputs;
+3. interleaved latency (batch 1) and throughput (batch 32), min and median over the repetitions,
+   ``intra_op_num_threads`` threads; file sizes; the operators ONNX Runtime runs after optimisation;
+4. top-1 on the real evaluation sets of every ONNX model, of zsq's fake-quantized PyTorch models,
+   and top-1 agreement between each exported model and the PyTorch model it came from;
+5. ONNX Runtime's profiler: where the time goes, per operator type, at batch 32.
+
+Writes the section "## Deployment (ONNX Runtime)" to benchmarks/DEPLOY_RESULTS.md and the raw
+numbers to <work>/deploy_results.json::
+
+    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 PYTHONPATH=src \\
+        .venv/bin/python benchmarks/deploy.py --reps 20 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import zsq
+from zsq.config import DistillConfig, QuantConfig
+from zsq.data import iter_batches, load_dataset
+from zsq.evaluate import logits_of
+from zsq.export import export_fp32_onnx, export_onnx, load_session, logit_step, snap_biases
+from zsq.export.bench import bench, environment, profile_ops
+from zsq.pipeline import RunConfig, run
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+COMMAND = ("MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 PYTHONPATH=src "
+           ".venv/bin/python benchmarks/deploy.py --reps {reps} --threads {threads}")
+
+MODELS: dict[str, dict[str, Any]] = {
+    "cifar_resnet20": {
+        "title": "ResNet-20 (CIFAR-10)",
+        "weights": str(SHARED / "models/resnet-cifar10-akamaster/resnet20-12fca82f.th"),
+        "eval": str(SHARED / "data/cifar10-test/cifar10_test.npz"),
+        "eval_desc": "cifar10-test, all 5000 (JPEG) images",
+        "distill": DistillConfig(iterations=100, batch_size=32),
+    },
+    "efficientnet_lite0": {
+        "title": "EfficientNet-Lite0 (ImageNet)",
+        "weights": None,
+        "eval": str(SHARED / "data/imagenet-sample-500"),
+        "eval_desc": "imagenet-sample-500, all 500 images",
+        "distill": DistillConfig(iterations=40, batch_size=16),
+    },
+}
+W4_CONFIG = dict(wbits=4, abits=8, weight_estimator="mse", overrides={"@first": {"wbits": 8}, "@last": {"wbits": 8}})
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# ONNX Runtime's own static quantization
+# ----------------------------------------------------------------------------------------------
+
+
+def ort_quantize_static(fp32_path: Path, out: Path, calib: torch.Tensor, *, reduce_range: bool) -> Path:
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": calib[i:i + 8].numpy()} for i in range(0, calib.shape[0], 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    src = fp32_path
+    try:  # ORT's recommended pre-processing (shape inference + graph optimisation)
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        pre = out.with_suffix(".pre.onnx")
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        src = pre
+    except Exception as exc:  # pragma: no cover - depends on the ORT version
+        log(f"quant_pre_process failed ({exc}); quantizing the FP32 export as it is")
+    quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, reduce_range=reduce_range)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Accuracy of ONNX models
+# ----------------------------------------------------------------------------------------------
+
+
+def onnx_logits(path: Path, x: torch.Tensor, *, threads: int, batch: int = 100) -> np.ndarray:
+    sess = load_session(path, threads=threads)
+    name = sess.get_inputs()[0].name
+    xs = x.numpy()
+    return np.concatenate([sess.run(None, {name: xs[i:i + batch]})[0] for i in range(0, xs.shape[0], batch)])
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(100.0 * np.mean(logits.argmax(1) == labels))
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float(100.0 * np.mean(a.argmax(1) == b.argmax(1)))
+
+
+# ----------------------------------------------------------------------------------------------
+# One model
+# ----------------------------------------------------------------------------------------------
+
+
+def quantize_like(result, config: QuantConfig):
+    """Another quantized model of the same network calibrated on the same distilled inputs."""
+    folded, _ = zsq.fold_batchnorm(result.fp32_model)
+    qmodel = zsq.quantize(folded, config)
+    zsq.calibrate(qmodel, result.calib_inputs, progress=False)
+    snap_biases(qmodel)
+    return qmodel.eval()
+
+
+def bench_model(name: str, spec: dict[str, Any], work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    out = work / name
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    distill = dataclasses.replace(spec["distill"], iterations=3) if args.quick else spec["distill"]
+    cfg = RunConfig(model=name, weights=spec["weights"], quant=QuantConfig(wbits=8, abits=8), distill=distill)
+    log(f"{name}: zsq pipeline W8A8 (distill {distill.iterations} iterations x {distill.batch_size})")
+    res = run(cfg, out_dir=out / "zsq-w8a8", progress=False)
+    fp32 = res.fp32_model.eval()
+    q8 = res.quantized_model.eval()
+    snapped = len(snap_biases(q8))
+    q7 = quantize_like(res, QuantConfig(wbits=7, abits=8))
+    q4 = quantize_like(res, QuantConfig(**W4_CONFIG))
+    h, w = res.spec.preprocessing.input_size
+    example = torch.zeros(1, 3, h, w)
+
+    log(f"{name}: exporting")
+    paths: dict[str, Path] = {"fp32": out / "model.fp32.onnx"}
+    reports: dict[str, Any] = {"fp32": export_fp32_onnx(fp32, paths["fp32"], example_input=example)}
+    for label, qm, wt in (("zsq-w8a8", q8, "auto"), ("zsq-w8a8-s8", q8, "int8"), ("zsq-w7a8", q7, "auto"),
+                          ("zsq-w4a8", q4, "auto")):
+        paths[label] = out / f"model.{label}.onnx"
+        reports[label] = export_onnx(qm, paths[label], example_input=example, weight_type=wt)
+    for label, rr in (("ort-static", False), ("ort-static-rr", True)):
+        paths[label] = out / f"model.{label}.onnx"
+        log(f"{name}: onnxruntime quantize_static (reduce_range={rr})")
+        ort_quantize_static(paths["fp32"], paths[label], res.calib_inputs, reduce_range=rr)
+
+    log(f"{name}: accuracy on {spec['eval_desc']}")
+    ds = load_dataset(spec["eval"], res.spec.preprocessing, limit=64 if args.quick else None)
+    xs, ys = [], []
+    for xb, yb in iter_batches(ds, 100):
+        xs.append(xb)
+        ys.append(yb)
+    x, y = torch.cat(xs), torch.cat(ys).numpy()
+    torch_logits = {"fp32": logits_of(fp32, x), "zsq-w8a8": logits_of(q8, x), "zsq-w7a8": logits_of(q7, x),
+                    "zsq-w4a8": logits_of(q4, x)}
+    torch_logits = {k: v.numpy() for k, v in torch_logits.items()}
+    source = {"fp32": "fp32", "zsq-w8a8": "zsq-w8a8", "zsq-w8a8-s8": "zsq-w8a8", "zsq-w7a8": "zsq-w7a8",
+              "zsq-w4a8": "zsq-w4a8", "ort-static": "fp32", "ort-static-rr": "fp32"}
+    steps = {"zsq-w8a8": logit_step(q8), "zsq-w7a8": logit_step(q7), "zsq-w4a8": logit_step(q4)}
+    acc: dict[str, Any] = {"pytorch": {k: top1(v, y) for k, v in torch_logits.items()}, "onnx": {}}
+    for label, p in paths.items():
+        lg = onnx_logits(p, x, threads=args.threads)
+        ref = torch_logits[source[label]]
+        entry = {"top1": top1(lg, y), "agreement_with": source[label], "agreement": agreement(lg, ref),
+                 "pytorch_top1": acc["pytorch"][source[label]]}
+        if source[label] in steps and label.startswith("zsq"):
+            d = np.abs(lg - ref)
+            entry.update(max_abs_diff=float(d.max()), mean_abs_diff=float(d.mean()),
+                         max_diff_steps=float(d.max() / steps[source[label]]))
+        acc["onnx"][label] = entry
+        log(f"  {label:14s} top-1 {entry['top1']:.2f}  agreement with PyTorch {source[label]} {entry['agreement']:.2f}")
+
+    log(f"{name}: timing ({args.reps} interleaved repetitions, {args.threads} threads, batches 1 and 32)")
+    load_before = os.getloadavg()
+    timing = bench({k: str(v) for k, v in paths.items()}, batches=(1, 32), reps=args.reps, threads=args.threads,
+                   warmup=args.warmup)
+    load_after = os.getloadavg()
+    log(f"{name}: profiling at batch 32")
+    profiles = {k: profile_ops(paths[k], batch=32, runs=args.profile_runs, threads=args.threads)
+                for k in ("fp32", "zsq-w8a8", "zsq-w8a8-s8", "zsq-w7a8", "ort-static")}
+    return {
+        "model": name,
+        "title": spec["title"],
+        "eval": spec["eval_desc"],
+        "distill": dataclasses.asdict(distill),
+        "biases_snapped": snapped,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "exports": {k: v.to_dict() for k, v in reports.items()},
+        "accuracy": acc,
+        "timing": timing.to_dict(),
+        "timing_table": timing.table(),
+        "load_avg_before_after": [list(load_before), list(load_after)],
+        "profiles_ms_batch32": profiles,
+        "zsq_quant_sizes": {"w8a8_bytes": reports["zsq-w8a8"].lowbit_file_bytes,
+                            "w4a8_bytes": reports["zsq-w4a8"].lowbit_file_bytes},
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Markdown
+# ----------------------------------------------------------------------------------------------
+
+
+LABELS = {
+    "fp32": "FP32 (zsq's FP32 export)",
+    "zsq-w8a8": "zsq W8A8 (default: uint8 weights where u8s8 could saturate)",
+    "zsq-w8a8-s8": "zsq W8A8, `--weight-type int8` (u8s8)",
+    "zsq-w7a8": "zsq W7A8 (int8 weights, exact u8s8)",
+    "zsq-w4a8": "zsq W4A8 (first/last W8, int8 containers)",
+    "ort-static": "ORT quantize_static (u8s8)",
+    "ort-static-rr": "ORT quantize_static, reduce_range (7-bit weights)",
+}
+
+
+def _timing_lookup(r: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    return {(t["model"], t["batch"]): t for t in r["timing"]["timings"]}
+
+
+def markdown(results: list[dict[str, Any]], env: dict[str, Any], args: argparse.Namespace) -> str:
+    lines = ["## Deployment (ONNX Runtime)", ""]
+    lines += [
+        "Regenerate with (about 20-30 minutes on 2 busy cores):", "", "```bash",
+        COMMAND.format(reps=args.reps, threads=args.threads), "```", "",
+        f"Conditions: ONNX Runtime {env.get('onnxruntime')}, CPU {env.get('cpu')} with AVX2 "
+        f"{'yes' if env.get('avx2') else 'no'}, AVX-512 VNNI {'yes' if env.get('avx512_vnni') else 'no'}, "
+        f"AVX-VNNI {'yes' if env.get('avx_vnni') else 'no'}; {env.get('cpus')} cores shared with other jobs; "
+        f"`intra_op_num_threads={args.threads}`, one inter-op thread, `ORT_ENABLE_ALL`; {args.reps} repetitions "
+        f"per model and batch after {args.warmup} warm-up runs, interleaved (each repetition runs every model once, "
+        "in a rotating order). Load average (1/5/15 min) before and after each model's timing is listed under its "
+        "table: the machine was shared, so medians are noisy and minima are the better estimate.", "",
+    ]
+    for r in results:
+        tl = _timing_lookup(r)
+        acc = r["accuracy"]
+        ex = r["exports"]
+        lines += [f"### {r['title']}", "",
+                  f"Calibration: {r['distill']['num_batches'] * r['distill']['batch_size']} distilled images "
+                  f"({r['distill']['iterations']} iterations); evaluation: {r['eval']}. "
+                  f"FP32 PyTorch top-1 {acc['pytorch']['fp32']:.2f}.", ""]
+        lines += ["| model | batch 1 min / median ms | speed-up b1 (min / med) | batch 32 min / median ms | "
+                  "speed-up b32 (min / med) | img/s b32 | file MB | int8 / float convs after ORT optimisation |"
+                  " ONNX top-1 | PyTorch top-1 | agreement |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for label in r["timing"]["models"]:
+            t1, t32 = tl[(label, 1)], tl[(label, 32)]
+            ops = r["timing"]["ort_ops"][label]
+            i8 = sum(ops.get(o, 0) for o in ("QLinearConv", "ConvInteger", "NhwcQLinearConv"))
+            fl = sum(ops.get(o, 0) for o in ("Conv", "FusedConv", "NchwcConv"))
+            a = acc["onnx"][label]
+            pt = f"{a['pytorch_top1']:.2f}" if label.startswith("zsq") or label == "fp32" else "-"
+            ag = f"{a['agreement']:.2f} %" if label.startswith("zsq") or label == "fp32" else \
+                f"{a['agreement']:.2f} % (vs FP32)"
+            lines.append(
+                f"| {LABELS[label]} | {t1['min_ms']:.2f} / {t1['median_ms']:.2f} | {t1['speedup_min']:.2f}x / "
+                f"{t1['speedup_median']:.2f}x | {t32['min_ms']:.1f} / {t32['median_ms']:.1f} | "
+                f"{t32['speedup_min']:.2f}x / {t32['speedup_median']:.2f}x | {t32['images_per_s']:.0f} | "
+                f"{r['timing']['file_bytes'][label] / 1e6:.2f} | {i8} / {fl} | {a['top1']:.2f} | {pt} | {ag} |")
+        w4 = ex["zsq-w4a8"]
+        w8 = ex["zsq-w8a8"]
+        par = acc["onnx"]["zsq-w8a8"]
+        lines += ["",
+                  f"Sizes: FP32 {ex['fp32']['file_bytes'] / 1e6:.2f} MB; zsq W8A8 {w8['file_bytes'] / 1e6:.2f} MB "
+                  f"(ratio {ex['fp32']['file_bytes'] / w8['file_bytes']:.2f}x); zsq W4A8 file "
+                  f"{w4['file_bytes'] / 1e6:.2f} MB with 4-bit values in int8 containers, **true low-bit size "
+                  f"{w4['lowbit_file_bytes'] / 1e6:.2f} MB** (weights {w4['weight_bytes_lowbit'] / 1e6:.3f} MB packed "
+                  f"vs {w4['weight_bytes_stored'] / 1e6:.3f} MB stored; ratio to FP32 "
+                  f"{ex['fp32']['file_bytes'] / w4['lowbit_file_bytes']:.2f}x).",
+                  f"Parity of the default zsq W8A8 export with its PyTorch fake-quantized model on the "
+                  f"{par['agreement_with'] and r['eval']}: top-1 {par['top1']:.2f} vs {par['pytorch_top1']:.2f} "
+                  f"(difference {par['top1'] - par['pytorch_top1']:+.2f} points), agreement {par['agreement']:.2f} %, "
+                  f"max logit difference {par['max_abs_diff']:.3f} = {par['max_diff_steps']:.2f} output steps, mean "
+                  f"{par['mean_abs_diff']:.4f}. {r['biases_snapped']} biases were snapped to the int32 grid.",
+                  f"Load average before/after timing: {[round(v, 2) for v in r['load_avg_before_after'][0]]} / "
+                  f"{[round(v, 2) for v in r['load_avg_before_after'][1]]}.", ""]
+        lines += ["ONNX Runtime profiler, batch 32, milliseconds per run by operator type (top 6):", "",
+                  "| model | " + " | ".join(["op 1", "op 2", "op 3", "op 4", "op 5", "op 6"]) + " | total |",
+                  "| --- | --- | --- | --- | --- | --- | --- | ---: |"]
+        for label, prof in r["profiles_ms_batch32"].items():
+            top = list(prof.items())[:6]
+            cells = [f"{k} {v:.1f}" for k, v in top] + [""] * (6 - len(top))
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {sum(prof.values()):.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile-runs", type=int, default=5)
+    ap.add_argument("--work", default=str(ROOT / "runs" / "deploy"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "DEPLOY_RESULTS.md"))
+    ap.add_argument("--quick", action="store_true", help="smoke test: 3 distillation iterations, 64 images, 2 reps")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.reps, args.warmup, args.profile_runs = 2, 1, 1
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in [m for m in args.models.split(",") if m]:
+        if name not in MODELS:
+            raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+        results.append(bench_model(name, MODELS[name], work, args))
+        (work / "deploy_results.json").write_text(json.dumps(results, indent=2, default=str))
+    env = environment()
+    env["python"] = platform.python_version()
+    env["torch"] = torch.__version__
+    md = markdown(results, env, args)
+    Path(args.out).write_text(md + "\n")
+    (work / "deploy_results.json").write_text(json.dumps({"environment": env, "results": results}, indent=2,
+                                                         default=str))
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

