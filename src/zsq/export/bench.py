@@ -191,18 +191,48 @@ def bench(
     return BenchResult({k: str(p) for k, p in models.items()}, threads, reps, timings, sizes, ops, baseline, env)
 
 
-def _conv_kind(op: str, shapes: list[dict[str, list[int]]]) -> str:
-    """depthwise / pointwise (1x1) / dense kxk from the weight shape of a convolution's profile event."""
-    dims = [next(iter(s.values())) for s in shapes if s]
-    four = [d for d in dims if len(d) == 4]
-    if len(four) < 2:
-        return op
-    w = four[1]
-    if w[2] == 1 and w[3] == 1:
-        return f"{op} 1x1"
-    if w[1] == 1:
-        return f"{op} depthwise {w[2]}x{w[3]}"
-    return f"{op} dense {w[2]}x{w[3]}"
+def _conv_kinds(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Node name -> "1x1" / "depthwise kxk" / "dense kxk" for every convolution of an ONNX file (also
+    under the name of the activation that ONNX Runtime may fuse into it)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    shapes = {t.name: list(t.dims) for t in m.graph.initializer}
+    produced = {o: n for n in m.graph.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in m.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    kinds: dict[str, str] = {}
+    for n in m.graph.node:
+        if n.op_type not in ("Conv", "ConvInteger") or len(n.input) < 2:
+            continue
+        w = n.input[1]
+        while w not in shapes and w in produced and produced[w].op_type == "DequantizeLinear":
+            w = produced[w].input[0]
+        dims = shapes.get(w)
+        if not dims or len(dims) != 4:
+            continue
+        kind = "1x1" if dims[2] == dims[3] == 1 else (f"depthwise {dims[2]}x{dims[3]}" if dims[1] == 1
+                                                     else f"dense {dims[2]}x{dims[3]}")
+        names = [n.name]
+        frontier = [n]
+        for _ in range(2):  # Conv -> [BatchNormalization] -> [Relu/Clip]: ORT names the fused node after either
+            frontier = [c for f in frontier for c in consumers.get(f.output[0], [])
+                        if c.op_type in ("BatchNormalization", "Relu", "Clip", "QuantizeLinear")]
+            names += [c.name for c in frontier]
+        for name in names:  # ORT renames fused nodes (e.g. "<activation>_nchwc"): also match without "/Op"
+            kinds.setdefault(name, kind)
+            kinds.setdefault(name.split("/")[0], kind)
+    return kinds
+
+
+def _kind_of(event_name: str, kinds: dict[str, str]) -> str | None:
+    best = None
+    for name, kind in kinds.items():
+        if name and event_name.startswith(name) and (best is None or len(name) > len(best[0])):
+            best = (name, kind)
+    return best[1] if best else None
 
 
 CONV_KERNELS = ("Conv", "QLinearConv", "ConvInteger", "FusedConv", "NchwcConv")
@@ -219,6 +249,7 @@ def profile_ops(
     import onnxruntime as ort
     import tempfile
 
+    kinds = _conv_kinds(path) if split_convs else {}
     with tempfile.TemporaryDirectory() as tmp:
         so = session_options(threads=threads, level="all", profile_prefix=os.path.join(tmp, "zsq_profile"))
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -236,7 +267,8 @@ def profile_ops(
             continue
         op = e.get("args", {}).get("op_name", "?")
         if split_convs and op in CONV_KERNELS:
-            op = _conv_kind(op, e.get("args", {}).get("input_type_shape", []))
+            kind = _kind_of(str(e["name"])[: -len("_kernel_time")], kinds)
+            op = f"{op} {kind}" if kind else op
         per_op[op] = per_op.get(op, 0.0) + e.get("dur", 0) / 1000.0
     total_runs = runs + 2
     return dict(sorted(((k, v / total_runs) for k, v in per_op.items()), key=lambda kv: -kv[1]))

@@ -353,7 +353,7 @@ class _Writer:
         _, self.helper, self.numpy_helper, self.TP = _onnx()
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
-        self.used: set[str] = set()
+        self.used: set[str] = {INPUT_NAME, OUTPUT_NAME}
         self.weight_names: dict[str, int] = {}  # weight initializer -> its bit width (8 for float/int8)
 
     def fresh(self, hint: str) -> str:
@@ -511,7 +511,6 @@ class _Exporter:
                 shape = self.shapes[n]
                 self.inputs.append(self.w.helper.make_tensor_value_info(
                     INPUT_NAME, self.w.TP.FLOAT, [BATCH_DIM, *shape[1:]]))
-                self.w.used.add(INPUT_NAME)
                 self.val[n] = INPUT_NAME
             elif n.op == "output":
                 self.emit_output(n)
@@ -622,8 +621,13 @@ class _Exporter:
         code = int(np.round(c)) + info.zero_point
         return code if np.float32((code - info.zero_point)) * np.float32(info.scale) == np.float32(v) else None
 
+    @staticmethod
+    def hint(n: fx.Node) -> str:
+        return str(n.target) if n.op == "call_module" else n.name
+
     def emit_clip(self, n: fx.Node, lo: float, hi: float) -> None:
         w = self.w
+        hint = self.hint(n)
         x = self.v(n.args[0], n)
         info = self.qinfo.get(x)
         if info is not None:
@@ -636,20 +640,20 @@ class _Exporter:
                 lo_c = limits.min if lo_c is None else max(lo_c, limits.min)
                 hi_c = limits.max if hi_c is None else min(hi_c, limits.max)
                 qt = w.node("Clip", [info.int_name, w.const("clip_min", np.asarray(lo_c, info.dtype)),
-                                     w.const("clip_max", np.asarray(hi_c, info.dtype))], str(n.name) + ".codes")
+                                     w.const("clip_max", np.asarray(hi_c, info.dtype))], hint + ".codes")
                 s, z = self._scale_zp(info)
-                out = w.node("DequantizeLinear", [qt, s, z], str(n.name))
+                out = w.node("DequantizeLinear", [qt, s, z], hint)
                 self.val[n] = out
                 self.qinfo[out] = _QInfo(qt, info.scale, info.zero_point, info.dtype, requant_safe=True)
                 return
         if lo == 0.0 and math.isinf(hi):
-            self.val[n] = w.node("Relu", [x], str(n.name))
+            self.val[n] = w.node("Relu", [x], hint)
             return
         ins = [x, "" if math.isinf(lo) else w.const("clip_min", np.float32(lo)),
                "" if math.isinf(hi) else w.const("clip_max", np.float32(hi))]
         while ins and ins[-1] == "":
             ins.pop()
-        self.val[n] = w.node("Clip", ins, str(n.name))
+        self.val[n] = w.node("Clip", ins, hint)
 
     def emit_actq(self, n: fx.Node, q: ActQuantizer) -> None:
         if q.observer is not None:
@@ -1134,6 +1138,10 @@ def export_onnx(
     if not has_q:
         raise ExportError("the model has no quantizers: quantize it with zsq.quantize (and zsq.calibrate) first, "
                           "or export the float model with export_fp32_onnx")
+    observing = [n for n, m in qmodel.named_modules() if isinstance(m, ActQuantizer) and m.observer is not None]
+    if observing:
+        raise ExportError(f"activation quantizer {observing[0]!r} is observing (inside zsq.calibrate?); "
+                          "export after calibration has finished")
     missing = _uncalibrated(qmodel)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
