@@ -29,21 +29,19 @@ import zsq  # noqa: E402
 from zsq.config import DistillConfig, QuantConfig  # noqa: E402
 from zsq.errors import ExportError, NotCalibratedError, UnsupportedLayerError, ZsqError  # noqa: E402
 from zsq.export import (  # noqa: E402
+    bias_safe_weight_scale,
     compare_onnx,
     export_fp32_onnx,
     export_onnx,
     export_pair,
-    logit_step,
+    layer_parity,
     run_onnx,
     snap_biases,
 )
-from zsq.models import get_spec, load_model  # noqa: E402
+from zsq.models import load_model  # noqa: E402
 from zsq.quant.modules import ActQuantizer, QUANT_LAYER_TYPES  # noqa: E402
 
 from conftest import require_shared  # noqa: E402
-
-PRE = get_spec("tiny_cnn").preprocessing
-
 
 def quantized(name: str = "tiny_cnn", *, calib: torch.Tensor | None = None, n: int = 16, **cfg) -> tuple:
     """(float model, calibrated quantized model with snapped biases, spec) of a registry model."""
@@ -145,6 +143,16 @@ def test_parity_on_gaussian_and_distilled_inputs(tiny_w8a8, tiny_export):
     _assert_parity(qmodel, path, distilled)
 
 
+def test_every_quantized_tensor_within_one_step_layer_by_layer(tiny_w8a8, tiny_export):
+    """Each layer fed ONNX Runtime's own codes of the tensors before it (no spreading of differences)."""
+    _, qmodel, spec = tiny_w8a8
+    path, _ = tiny_export
+    res = layer_parity(qmodel, path, zsq.gaussian_inputs(32, spec.preprocessing, seed=8))
+    assert set(res["layers"]) == {n for n, m in qmodel.named_modules() if isinstance(m, ActQuantizer)}
+    assert res["max_steps"] <= 1 and res["mismatch_fraction"] < 1e-3, res
+    assert res["logits_max_abs_diff"] < 1e-4
+
+
 def test_batch_dimension_is_dynamic(tiny_w8a8, tiny_export):
     _, qmodel, spec = tiny_w8a8
     path, _ = tiny_export
@@ -176,6 +184,15 @@ def test_parity_without_batchnorm_bias_path(tmp_path):
     report = export_onnx(qmodel, tmp_path / "m.onnx", example_input=torch.zeros(1, 3, 16, 16))
     assert report.float_convs == 0
     _assert_parity(qmodel, report.path, zsq.gaussian_inputs(48, spec.preprocessing, seed=5))
+
+
+@pytest.mark.parametrize("opset", [13, 21])
+def test_other_opsets(tiny_w8a8, tmp_path, opset):
+    _, qmodel, spec = tiny_w8a8
+    report = export_onnx(qmodel, tmp_path / "m.onnx", example_input=torch.zeros(1, 3, 16, 16), opset=opset)
+    assert onnx.load(report.path).opset_import[0].version == opset
+    assert report.float_convs == 0
+    _assert_parity(qmodel, report.path, zsq.gaussian_inputs(16, spec.preprocessing, seed=6))
 
 
 def test_low_bit_weights_stay_in_range_and_report_true_size(tmp_path):
@@ -221,6 +238,49 @@ def test_snap_biases_puts_biases_on_the_int32_grid_once():
     assert torch.allclose(k, k.round(), atol=1e-3)
 
 
+class DeadChannel(nn.Module):
+    """Channel 0 has (nearly) zero weights and a large bias, as BN folding with a tiny gamma leaves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 1)  # requantized (feeds conv3): QLinearConv with an int32 bias
+        self.relu2 = nn.ReLU()
+        self.conv3 = nn.Conv2d(4, 4, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 2)
+        with torch.no_grad():
+            self.conv2.weight[0].fill_(1e-7)
+            self.conv2.bias[0] = 3.0
+
+    def forward(self, x):
+        y = self.relu2(self.conv2(self.relu(self.conv1(x))))
+        return self.fc(torch.flatten(self.pool(self.conv3(y)), 1))
+
+
+def test_bias_that_overflows_int32_gets_a_larger_weight_scale(tmp_path):
+    torch.manual_seed(0)
+    model = DeadChannel().eval()
+    qmodel = zsq.quantize(model, QuantConfig())
+    x = torch.randn(16, 3, 8, 8)
+    zsq.calibrate(qmodel, x, progress=False)
+    wq = qmodel.conv2.weight_quantizer
+    s_in = qmodel.zsq_act_relu.scale
+    assert abs(3.0 / float(s_in * wq.scale[0])) > 2**31  # would not fit in int32
+    safe = bias_safe_weight_scale(qmodel.conv2.bias, s_in, wq.scale)
+    assert torch.equal(safe[1:], wq.scale[1:]) and safe[0] > wq.scale[0]
+    report = export_onnx(qmodel, tmp_path / "raw.onnx", example_input=torch.zeros(1, 3, 8, 8))
+    assert any("enlarged" in n for n in report.notes)
+    assert "conv2" in snap_biases(qmodel)
+    assert torch.equal(wq.scale, safe) and abs(float(qmodel.conv2.bias.detach()[0]) - 3.0) < 1e-5
+    report = export_onnx(qmodel, tmp_path / "m.onnx", example_input=torch.zeros(1, 3, 8, 8))
+    assert not any("enlarged" in n for n in report.notes)
+    res = layer_parity(qmodel, report.path, torch.randn(8, 3, 8, 8))
+    assert res["max_steps"] <= 1, res
+    _assert_parity(qmodel, report.path, torch.randn(32, 3, 8, 8))
+
+
 def test_fp32_export_matches_pytorch(tmp_path):
     torch.manual_seed(0)
     model, spec = load_model("tiny_cnn", pretrained=False)
@@ -247,8 +307,10 @@ def test_cifar_resnet_shortcut_exports(tmp_path):
     report = export_onnx(qmodel, tmp_path / "r20.onnx", example_input=torch.zeros(1, 3, 32, 32))
     assert report.int8_convs == 19 and report.float_convs == 0
     assert report.ort_ops.get("QLinearAdd") == 9 and report.ops.get("Slice") == 2
-    res = compare_onnx(qmodel, report.path, zsq.gaussian_inputs(16, spec.preprocessing, seed=9))
+    x = zsq.gaussian_inputs(16, spec.preprocessing, seed=9)
+    res = compare_onnx(qmodel, report.path, x)
     assert res["max_abs_diff"] <= res["logit_step"], res
+    assert layer_parity(qmodel, report.path, x)["max_steps"] <= 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,6 +388,8 @@ def test_resnet20_real_weights_int8_parity(tmp_path):
     res = compare_onnx(qmodel, report.path, x, batch_size=100)
     assert res["max_abs_diff"] <= res["logit_step"], res
     assert res["agreement"] >= 99.0, res  # >= 99.5 % on all 5000 images: benchmarks/deploy.py
+    layers = layer_parity(qmodel, report.path, x[:32])
+    assert layers["max_steps"] <= 1 and layers["mismatch_fraction"] < 1e-4, layers
 
 
 def _lite0_or_skip():
@@ -355,6 +419,8 @@ def test_efficientnet_lite0_every_conv_int8_and_parity(tmp_path):
         x = zsq.gaussian_inputs(6, spec.preprocessing, seed=3)
     res = compare_onnx(qmodel, report.path, x, batch_size=6)
     assert res["max_abs_diff"] <= res["logit_step"] and res["agreement"] == 100.0, res
+    layers = layer_parity(qmodel, report.path, x[:4])  # also checks the merged TF-SAME paddings line up
+    assert layers["max_steps"] <= 1 and layers["mismatch_fraction"] < 1e-4, layers
 
 
 # ----------------------------------------------------------------------------------------------

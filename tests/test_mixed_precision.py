@@ -133,7 +133,12 @@ def test_mixed_precision_plan_meets_the_size_of_uniform_4bit(folded, calib, meth
     assert load_bit_plan(paths["bit_plan"]) == plan
     summary = json.loads(json.dumps(res.to_dict()))
     assert summary["plan"]["weight_bits"] == dict(plan.weight_bits)
-    assert set(summary["timings_s"]) == {"sensitivity", "allocate"}
+    assert set(summary["timings_s"]) == {"sensitivity", "allocate", "validate"}
+    # the lowest width was chosen on the calibration data: one scored candidate per minimum width
+    assert [s["min_bits"] for s in res.selection] == [2, 4]  # 8 bits everywhere cannot fit 4 bits/weight
+    best = min(res.selection, key=lambda s: s["calibration_kl"])
+    assert plan.metadata["allocated_bits"] == best["bits"]
+    assert all(s["calibration_kl"] >= 0 for s in res.selection)
 
 
 def test_mixed_precision_plan_in_mb_and_bops(folded, calib):
@@ -161,3 +166,39 @@ def test_plots_written(folded, calib, tmp_path):
               plot_pareto(alloc, tmp_path / "p.png", uniform=uniform_points(table), others={"random": rnd}),
               plot_frontiers({"kl": alloc.frontier}, tmp_path / "f.png")):
         assert p.exists() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quantize_cli_options_for_mixed_precision(tmp_path):
+    import argparse
+
+    from zsq.sensitivity.commands import add_mixed_precision_args, mixed_precision_from_args
+
+    p = argparse.ArgumentParser()
+    add_mixed_precision_args(p)
+    cfg, plan = mixed_precision_from_args(p.parse_args([]))
+    assert cfg is None and plan is None
+    cfg, plan = mixed_precision_from_args(p.parse_args(
+        ["--mixed-precision", "--target-size", "0.3MB", "--method", "hessian", "--mp-bits", "3,4,8",
+         "--mp-hessian-iters", "7", "--mp-group", "a,b", "--mp-no-select"]))
+    assert plan is None
+    assert cfg.method == "hessian" and cfg.bits == (3, 4, 8) and cfg.target_size == "0.3MB"
+    assert cfg.hessian.max_iterations == 7 and cfg.groups == (("a", "b"),) and not cfg.select_min_bits
+    path = save_bit_plan(BitPlan(weight_bits={"conv1": 4}), tmp_path / "p.json")
+    assert mixed_precision_from_args(p.parse_args(["--bit-plan", str(path)])) == (None, str(path))
+    with pytest.raises(ConfigError, match="exclude"):
+        mixed_precision_from_args(p.parse_args(["--bit-plan", str(path), "--mixed-precision"]))
+    with pytest.raises(ConfigError, match="does not exist"):
+        mixed_precision_from_args(p.parse_args(["--bit-plan", str(tmp_path / "nope.json")]))
+
+
+def test_mixed_precision_plan_reuses_a_precomputed_table(folded, calib):
+    from zsq.sensitivity import sensitivity
+
+    base = QuantConfig(wbits=4, abits=8)
+    table = sensitivity(folded, calib, base, method="kl", bits=(2, 4, 8), progress=False)
+    fresh = mixed_precision_plan(folded, calib, base, method="kl", bits=(2, 4, 8), progress=False)
+    reused = mixed_precision_plan(folded, calib, base, method="kl", bits=(2, 4, 8), progress=False, table=table)
+    assert reused.plan.weight_bits == fresh.plan.weight_bits
+    assert reused.table is table
+    with pytest.raises(ConfigError, match="cannot allocate"):
+        mixed_precision_plan(folded, calib, base, method="kl", bits=(3, 4), progress=False, table=table)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import reduce
 from typing import Any, Mapping, Sequence
 
@@ -142,7 +142,8 @@ def solve_dp(
     pts = []
     best_val = inf
     for b in np.flatnonzero(np.isfinite(f)):
-        if f[b] < best_val - 1e-12 * abs(best_val) if np.isfinite(best_val) else True:
+        improves = not np.isfinite(best_val) or f[b] < best_val - 1e-12 * abs(best_val)
+        if improves:
             best_val = f[b]
             ch = backtrack(int(b))
             cost = float(sum(cj[o] for cj, o in zip(c, ch)))
@@ -309,8 +310,15 @@ class Allocation:
         return d
 
 
-def _items(table: SensitivityTable, groups: Sequence[Sequence[str]], fixed: Mapping[str, int]):
-    """Group layers into DP items; each item's options are the bit widths all members allow."""
+def _items(table: SensitivityTable, groups: Sequence[Sequence[str]], fixed: Mapping[str, int],
+           bits: Sequence[int] | None = None):
+    """Group layers into DP items; each item's options are the bit widths all members allow
+    (``bits``, default the table's, or the pinned width)."""
+    widths = set(table.bits) if bits is None else set(bits)
+    if bits is not None and not widths <= set(table.bits):
+        raise ConfigError(f"candidate bits {sorted(widths)} are not all in the sensitivity table's {list(table.bits)}")
+    if not widths:
+        raise ConfigError("no candidate bit width left to allocate")
     names = table.names
     known = set(names)
     member_of: dict[str, int] = {}
@@ -339,7 +347,7 @@ def _items(table: SensitivityTable, groups: Sequence[Sequence[str]], fixed: Mapp
         allowed: set[int] | None = None
         for n in members:
             pin = fixed.get(n, table.layer(n).fixed_bits)
-            s = {pin} if pin is not None else set(table.bits)
+            s = {pin} if pin is not None else widths
             allowed = s if allowed is None else allowed & s
         if not allowed:
             raise ConfigError(f"layers {members} are grouped but pinned to different bit widths")
@@ -391,15 +399,17 @@ def allocate(
     fixed: Mapping[str, int] | None = None,
     max_bins: int = DEFAULT_MAX_BINS,
     values: Mapping[str, Mapping[int, float]] | None = None,
+    bits: Sequence[int] | None = None,
 ) -> Allocation:
     """Least-sensitivity bit widths under ``budget`` and the whole size/sensitivity Pareto frontier.
 
     ``groups``: lists of layer names that must share one bit width. ``fixed``: ``{layer: bits}``
     pinned (in addition to the table's own pinned layers). ``values`` replaces the table's
     sensitivities (e.g. random ones for a baseline); the reported sensitivity is the table's.
+    ``bits`` restricts the candidate widths to a subset of the table's.
     """
     fixed = dict(fixed or {})
-    items, options = _items(table, groups, fixed)
+    items, options = _items(table, groups, fixed, bits)
     vals = values if values is not None else table.values
     size, bops = _costs(table, _all_widths(table, fixed))
     kind_cost = size if budget.kind == "size" else bops
@@ -450,6 +460,7 @@ def random_allocation(
     seed: int = 0,
     groups: Sequence[Sequence[str]] = (),
     fixed: Mapping[str, int] | None = None,
+    bits: Sequence[int] | None = None,
 ) -> Allocation:
     """A random feasible allocation that uses the budget as fully as a random order allows (baseline).
 
@@ -458,7 +469,7 @@ def random_allocation(
     """
     rng = random.Random(seed)
     fixed = dict(fixed or {})
-    items, options = _items(table, groups, fixed)
+    items, options = _items(table, groups, fixed, bits)
     size, bops = _costs(table, _all_widths(table, fixed))
     kind_cost = size if budget.kind == "size" else bops
     cost = [[sum(kind_cost[n][k] for n in members) for k in opts] for members, opts in zip(items, options)]

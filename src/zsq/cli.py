@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Commands of later stages (export, sensitivity, ...) live next to their stage: each such module
     # defines add_commands(sub, common) -> {name: handler(args) -> int}.
-    for mod_name in PLUGIN_MODULES:
+    for mod_name in dict.fromkeys(PLUGIN_MODULES):  # de-duplicated, order kept
         mod = importlib.import_module(mod_name)
         COMMANDS.update(mod.add_commands(sub, _add_common))
     return parser
@@ -296,7 +296,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-PLUGIN_MODULES: list[str] = []
+PLUGIN_MODULES: list[str] = ["zsq.export.commands", "zsq.sensitivity.commands"]
 
 COMMANDS = {"models": cmd_models, "layers": cmd_layers, "quantize": cmd_quantize, "distill": cmd_distill,
             "eval": cmd_eval}

@@ -41,7 +41,8 @@ PLAN_FORMAT = "zsq-bit-plan"
 PLAN_VERSION = 1
 
 __all__ = ["MixedPrecisionConfig", "BitPlan", "MixedPrecisionResult", "mixed_precision_plan", "load_bit_plan",
-           "save_bit_plan", "bit_plan_overrides", "apply_bit_plan", "plan_from_config", "plan_from_allocation"]
+           "save_bit_plan", "bit_plan_overrides", "apply_bit_plan", "plan_from_config", "plan_from_allocation",
+           "validate_plan"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -57,6 +58,12 @@ class MixedPrecisionConfig:
     size of the uniform 4-bit model), ``"3.5bit"``, or a size in MB (``"0.2"``/``"0.2MB"``/float);
     ``bops``: a BOPs budget instead (``"w4a8"`` or ``"1.5G"``); ``groups``: lists of layer names that
     must share one width; ``kl``/``hessian``: the method's settings.
+
+    ``select_min_bits``: the lowest candidate width is a hyper-parameter chosen on the calibration
+    (distilled) data, never on evaluation data: for each ``m`` in ``bits`` the allocation restricted to
+    widths ``>= m`` is quantized, calibrated and scored by the mean KL(FP32 || quantized model) on the
+    calibration inputs; the best plan wins. (Very low widths such as 2 bits break the additivity that
+    the allocation assumes; the validation catches plans that rely on it.) ``False``: use all ``bits``.
     """
 
     method: str = "kl"
@@ -67,6 +74,7 @@ class MixedPrecisionConfig:
     max_bins: int = DEFAULT_MAX_BINS
     kl: KLConfig = field(default_factory=KLConfig)
     hessian: HessianConfig = field(default_factory=HessianConfig)
+    select_min_bits: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", SensitivityMethod.parse(self.method).value)
@@ -85,6 +93,8 @@ class MixedPrecisionConfig:
             object.__setattr__(self, "kl", KLConfig.from_dict(dict(self.kl)))
         if isinstance(self.hessian, Mapping):
             object.__setattr__(self, "hessian", HessianConfig.from_dict(dict(self.hessian)))
+        if not isinstance(self.select_min_bits, bool):
+            raise ConfigError(f"select_min_bits must be True or False, got {self.select_min_bits!r}")
         if not isinstance(self.kl, KLConfig) or not isinstance(self.hessian, HessianConfig):
             raise ConfigError("kl / hessian settings must be KLConfig / HessianConfig (or dicts of their fields)")
 
@@ -101,7 +111,7 @@ class MixedPrecisionConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "bits": list(self.bits), "target_size": self.target_size, "bops": self.bops,
                 "groups": [list(g) for g in self.groups], "max_bins": self.max_bins, "kl": self.kl.to_dict(),
-                "hessian": self.hessian.to_dict()}
+                "hessian": self.hessian.to_dict(), "select_min_bits": self.select_min_bits}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "MixedPrecisionConfig":
@@ -260,6 +270,7 @@ class MixedPrecisionResult:
     uniform: dict[int, FrontierPoint]
     config: MixedPrecisionConfig
     timings_s: dict[str, float] = field(default_factory=dict)
+    selection: list[dict[str, Any]] = field(default_factory=list)  # candidate plans scored on calibration data
 
     def __iter__(self):  # (quant_config, plan, self) unpacking
         return iter((self.quant_config, self.plan, self))
@@ -271,6 +282,7 @@ class MixedPrecisionResult:
                 "frontier_points": len(self.allocation.frontier),
                 "uniform": {str(k): {"size_bits": p.size_bits, "sensitivity": p.sensitivity}
                             for k, p in self.uniform.items()},
+                "selection": self.selection,
                 "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()}}
 
     def save(self, out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
@@ -301,6 +313,7 @@ def mixed_precision_plan(
     model_name: str | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    table: SensitivityTable | None = None,
 ) -> MixedPrecisionResult:
     """Measure every layer's sensitivity on ``calib_inputs``, allocate weight bits under the budget,
     and return ``quant_config`` with the chosen bits as per-layer overrides.
@@ -308,7 +321,9 @@ def mixed_precision_plan(
     ``model`` is the float model, BN-folded (``zsq.fold_batchnorm``) or not (it is then folded); it is not
     modified. Layers that ``quant_config`` keeps in float stay in float; layers whose ``wbits`` an
     override sets explicitly (``@first=w8``) keep that width and count against the budget. The keyword
-    arguments ``method``/``bits``/``target_size``/``bops`` replace the fields of ``config``.
+    arguments ``method``/``bits``/``target_size``/``bops`` replace the fields of ``config``. ``table``: a
+    sensitivity table computed before for this model and ``quant_config`` (e.g. by ``zsq sensitivity``),
+    used instead of measuring again; its widths must include ``bits``.
     """
     from .sensitivity import compute_sensitivity, prepare_model
 
@@ -327,19 +342,101 @@ def mixed_precision_plan(
     qcfg = quant_config or QuantConfig()
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    qmodel = prepare_model(model, qcfg)
-    if device is not None:
-        qmodel.to(device)
-    table = compute_sensitivity(qmodel, calib_inputs, method=cfg.method, bits=cfg.bits, config=cfg.method_config,
-                                device=device, progress=progress, model_name=model_name)
-    timings["sensitivity"] = time.perf_counter() - t
+    if table is None:
+        qmodel = prepare_model(model, qcfg)
+        if device is not None:
+            qmodel.to(device)
+        table = compute_sensitivity(qmodel, calib_inputs, method=cfg.method, bits=cfg.bits,
+                                    config=cfg.method_config, device=device, progress=progress, model_name=model_name)
+        timings["sensitivity"] = time.perf_counter() - t
+    else:
+        if not set(cfg.bits) <= set(table.bits):
+            raise ConfigError(f"the sensitivity table has widths {list(table.bits)}; it cannot allocate "
+                              f"{list(cfg.bits)}: compute it with --bits {','.join(map(str, cfg.bits))}")
+        timings["sensitivity"] = float(table.timings_s.get("sensitivity", 0.0))
     t = time.perf_counter()
     budget = cfg.budget_for(table)
-    alloc = allocate(table, budget, groups=cfg.groups, max_bins=cfg.max_bins)
+    subsets = [cfg.bits]
+    if cfg.select_min_bits:
+        subsets = [tuple(b for b in cfg.bits if b >= m) for m in cfg.bits]
+    allocations: list[tuple[tuple[int, ...], Allocation]] = []
+    for sub in subsets:
+        try:
+            allocations.append((sub, allocate(table, budget, groups=cfg.groups, max_bins=cfg.max_bins, bits=sub)))
+        except ConfigError as exc:  # a high minimum width that cannot meet the budget
+            if sub == subsets[0]:
+                raise
+            log.debug("candidate widths %s skipped: %s", sub, exc)
     timings["allocate"] = time.perf_counter() - t
+    selection: list[dict[str, Any]] = []
+    chosen_sub, alloc = allocations[0]
+    if len(allocations) > 1:
+        t = time.perf_counter()
+        reference = _reference_logits(model, calib_inputs)
+        best = None
+        seen: dict[tuple, float] = {}
+        for sub, a in allocations:
+            key = tuple(a.bits.values())
+            if key not in seen:
+                seen[key] = validate_plan(model, calib_inputs, apply_bit_plan(qcfg, BitPlan(dict(a.bits))),
+                                          reference=reference, device=device)
+            score = seen[key]
+            selection.append({"bits": list(sub), "min_bits": min(sub), "calibration_kl": score,
+                              "sensitivity": a.sensitivity, "average_bits": round(a.average_bits, 4)})
+            if best is None or score < best[0] - 1e-12:
+                best = (score, sub, a)
+        assert best is not None
+        _, chosen_sub, alloc = best
+        timings["validate"] = time.perf_counter() - t
+        log.info("mixed precision: lowest width %d chosen on calibration data (KL %s)", min(chosen_sub),
+                 ", ".join(f"{s['min_bits']}:{s['calibration_kl']:.4f}" for s in selection))
     plan = plan_from_allocation(alloc, table, model=model_name)
+    plan.metadata["allocated_bits"] = list(chosen_sub)
+    if selection:
+        plan.metadata["selection"] = selection
     new_cfg = apply_bit_plan(qcfg, plan)
     log.info("mixed precision (%s, %s): %s; %.3f bits/weight, total sensitivity %.4g", cfg.method, budget.label,
              plan.metadata.get("counts"), alloc.average_bits, alloc.sensitivity)
     return MixedPrecisionResult(quant_config=new_cfg, plan=plan, table=table, allocation=alloc,
-                                uniform=uniform_points(table), config=cfg, timings_s=timings)
+                                uniform=uniform_points(table), config=cfg, timings_s=timings, selection=selection)
+
+
+VALIDATION_BATCH = 64
+
+
+@torch.no_grad()
+def _reference_logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    from .sensitivity import as_logits, model_device
+    from .state import eval_mode
+
+    dev = model_device(model)  # the float model stays where it is; ``device`` is for the quantized copies
+    outs = []
+    with eval_mode(model):
+        for i in range(0, inputs.shape[0], VALIDATION_BATCH):
+            outs.append(as_logits(model(inputs[i: i + VALIDATION_BATCH].to(dev))).double().cpu())
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def validate_plan(model: nn.Module, calib_inputs: torch.Tensor, quant_config: QuantConfig, *,
+                  reference: torch.Tensor | None = None, device: str | torch.device | None = None) -> float:
+    """Mean KL(FP32 || quantized) on ``calib_inputs`` of ``model`` quantized with ``quant_config`` and
+    calibrated on the same inputs (weights *and* activations quantized: the deployable model)."""
+    from .calibrate import calibrate
+    from .sensitivity import as_logits, prepare_model
+    from .sensitivity.kl import kl_divergence
+
+    if reference is None:
+        reference = _reference_logits(model, calib_inputs)
+    q = prepare_model(model, quant_config)
+    if device is not None:
+        q.to(device)
+    calibrate(q, calib_inputs, device=device, progress=False)
+    q.eval()
+    total = 0.0
+    dev = torch.device(device) if device is not None else None
+    for i in range(0, calib_inputs.shape[0], VALIDATION_BATCH):
+        x = calib_inputs[i: i + VALIDATION_BATCH]
+        out = as_logits(q(x.to(dev) if dev is not None else x)).double().cpu()
+        total += float(kl_divergence(reference[i: i + x.shape[0]], out).sum())
+    return total / calib_inputs.shape[0]

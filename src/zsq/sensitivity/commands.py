@@ -70,6 +70,10 @@ def _add_method_args(p: argparse.ArgumentParser, *, prefix: str = "") -> None:
                    help=f"relative tolerance that stops the Hutchinson estimate (default {h.tol})")
     g.add_argument(f"--{prefix}hessian-loss", choices=("ce", "kl"), default=h.loss,
                    help="loss against the model's own float predictions (default ce)")
+    g.add_argument(f"--{prefix}hessian-trace-mode", choices=("gauss_newton", "per_layer", "joint"),
+                   default=h.trace_mode,
+                   help="Hutchinson estimator: gauss_newton (default; one backward per sample, equals the Hessian "
+                        "block trace for ReLU-type CNNs), per_layer or joint (Hessian-vector products)")
 
 
 def _method_configs(args: argparse.Namespace, *, prefix: str = "") -> tuple[Any, Any]:
@@ -81,7 +85,8 @@ def _method_configs(args: argparse.Namespace, *, prefix: str = "") -> tuple[Any,
     kl = KLConfig(**({"batch_size": bs} if bs else {}))
     stat = a("hessian_statistic")
     hz = HessianConfig(statistic=stat, max_iterations=a("hessian_iters"), eigen_max_iterations=a("hessian_iters"),
-                       tol=a("hessian_tol"), loss=a("hessian_loss"), seed=getattr(args, "seed", 0),
+                       tol=a("hessian_tol"), loss=a("hessian_loss"), trace_mode=a("hessian_trace_mode"),
+                       seed=getattr(args, "seed", 0),
                        **({"batch_size": bs} if bs else {}))
     return kl, hz
 
@@ -105,8 +110,6 @@ def _quant_config(args: argparse.Namespace):
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
-    import dataclasses
-
     import torch
 
     from ..config import DistillConfig
@@ -176,10 +179,11 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         budget = size_budget(table, args.target_size)
     groups = [tuple(n.strip() for n in g.split(",") if n.strip()) for g in args.group]
     fixed = _parse_fix(args.fix)
+    bits = args.bits
     if args.random is not None:
-        alloc = random_allocation(table, budget, seed=args.random, groups=groups, fixed=fixed)
+        alloc = random_allocation(table, budget, seed=args.random, groups=groups, fixed=fixed, bits=bits)
     else:
-        alloc = allocate(table, budget, groups=groups, fixed=fixed, max_bins=args.max_bins)
+        alloc = allocate(table, budget, groups=groups, fixed=fixed, max_bins=args.max_bins, bits=bits)
     plan = plan_from_allocation(alloc, table)
     out = save_bit_plan(plan, args.out)
     counts = ", ".join(f"{n} x {k}-bit" for k, n in sorted(plan.metadata["counts"].items(), key=lambda kv: int(kv[0])))
@@ -191,7 +195,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         from ..plots import plot_pareto
 
         if not alloc.frontier:  # random allocation: draw the optimal frontier for reference
-            ref = allocate(table, budget, groups=groups, fixed=fixed, max_bins=args.max_bins)
+            ref = allocate(table, budget, groups=groups, fixed=fixed, max_bins=args.max_bins, bits=bits)
             path = plot_pareto(ref, args.pareto_plot, uniform=uniform_points(table), others={"random": alloc})
         else:
             path = plot_pareto(alloc, args.pareto_plot, uniform=uniform_points(table))
@@ -266,6 +270,8 @@ def add_commands(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]
     p.add_argument("--group", action="append", default=[], metavar="L1,L2,...",
                    help="layers that must share one bit width (repeatable)")
     p.add_argument("--fix", action="append", default=[], metavar="LAYER=BITS", help="pin a layer (repeatable)")
+    p.add_argument("--bits", type=_bits_list, default=None,
+                   help="allocate only these widths (a subset of the table's, e.g. 3,4,5,6,8)")
     p.add_argument("--max-bins", type=_pos_int, default=None, help="DP resolution (default 20000 cost bins)")
     p.add_argument("--random", type=int, default=None, metavar="SEED",
                    help="a random allocation under the same budget instead (baseline)")
@@ -307,6 +313,8 @@ def add_mixed_precision_args(p: argparse.ArgumentParser) -> None:
                    help=f"candidate weight bit widths (default {','.join(map(str, DEFAULT_BITS))})")
     g.add_argument("--mp-group", action="append", default=[], metavar="L1,L2,...",
                    help="layers that must share one bit width (repeatable)")
+    g.add_argument("--mp-no-select", action="store_true",
+                   help="allocate over all --mp-bits; by default the lowest width is chosen on the calibration data")
     g.add_argument("--bit-plan", metavar="JSON", default=None,
                    help="per-layer weight bits from a bit plan (from `zsq allocate` or a previous run's bit_plan.json)")
     _add_method_args(p, prefix="mp-")
@@ -327,7 +335,7 @@ def mixed_precision_from_args(args: argparse.Namespace):
     kl, hz = _method_configs(args, prefix="mp-")
     groups = tuple(tuple(n.strip() for n in g.split(",") if n.strip()) for g in args.mp_group)
     cfg = MixedPrecisionConfig(method=args.method, bits=args.mp_bits, target_size=args.target_size, bops=args.bops,
-                               groups=groups, kl=kl, hessian=hz)
+                               groups=groups, kl=kl, hessian=hz, select_min_bits=not args.mp_no_select)
     return cfg, None
 
 

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 STATISTICS = ("trace", "eigenvalue")
 LOSSES = ("ce", "kl")
-TRACE_MODES = ("joint", "per_layer")
+TRACE_MODES = ("joint", "per_layer", "gauss_newton")
 
 
 def _pos_int(v: Any, what: str) -> None:
@@ -56,7 +56,8 @@ def _pos_int(v: Any, what: str) -> None:
 class HessianConfig:
     """Settings of the Hessian sensitivity (see the module docstring).
 
-    ``statistic``: which Hessian statistic scales the weight error; ``eigenvalues``/``traces``: also
+    ``statistic``: which Hessian statistic scales the weight error; ``trace_mode``: Hutchinson estimator
+    (``gauss_newton`` default, ``per_layer``/``joint`` with Hessian-vector products); ``eigenvalues``/``traces``: also
     compute the other statistic (reported in the table's extras); ``max_iterations``: cap on Hutchinson
     samples / power-iteration rounds; ``min_iterations``: rounds before the tolerance may stop them;
     ``samples_per_batch``: Hutchinson vectors per batch and round; ``max_batches``: use at most this
@@ -65,13 +66,13 @@ class HessianConfig:
 
     statistic: str = "trace"
     loss: str = "ce"
-    trace_mode: str = "joint"
+    trace_mode: str = "gauss_newton"
     batch_size: int = 32
     max_batches: int | None = None
     max_iterations: int = 100
     min_iterations: int = 5
     tol: float = 1e-2
-    samples_per_batch: int = 1
+    samples_per_batch: int = 4
     eigen_max_iterations: int = 50
     eigen_tol: float = 1e-3
     eigenvalues: bool = False
@@ -155,6 +156,17 @@ def _rademacher(like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return z.to(like.dtype) * 2 - 1
 
 
+def _gauss_newton_probe(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``S u`` per row, with ``S S^T = diag(p) - p p^T`` (``p = softmax(logits)``) and Rademacher ``u``:
+    ``S u = sqrt(p) * u - p * (sqrt(p) . u)``."""
+    with torch.no_grad():
+        p = torch.softmax(logits.detach().double(), dim=1)
+        u = _rademacher(p, gen)
+        sp = p.sqrt()
+        w = sp * u - p * (sp * u).sum(dim=1, keepdim=True)
+    return w.to(logits.dtype)
+
+
 def _relative_change(new: float, old: float | None) -> float:
     if old is None:
         return float("inf")
@@ -175,7 +187,8 @@ def layer_hessian_stats(
     ``batches`` are ``(inputs, reference_logits)`` pairs; the loss of a batch is
     ``loss_fn(logits(model(inputs)), reference_logits)`` and the Hessian is that of the mean over batches.
     ``params`` are the tensors (leaves of ``model``) whose diagonal Hessian blocks are wanted.
-    Generic: works on any differentiable ``model``.
+    Generic: works on any differentiable ``model``; ``trace_mode="gauss_newton"`` assumes a softmax
+    cross-entropy/KL loss averaged over the batch (as :func:`self_distillation_loss` gives).
     """
     cfg = config or HessianConfig()
     names = list(params)
@@ -215,13 +228,22 @@ def layer_hessian_stats(
             round_est = torch.zeros(len(names), dtype=torch.float64)
             round_n = 0
             for x, ref in batches:
-                loss = loss_fn(as_logits(model(x)), ref)
-                grads = torch.autograd.grad(loss, plist, create_graph=True)
+                logits = as_logits(model(x))
+                need_hvp = bool(active) or (do_trace and cfg.trace_mode != "gauss_newton")
+                loss = loss_fn(logits, ref)
+                grads = torch.autograd.grad(loss, plist, create_graph=True, retain_graph=True) if need_hvp else None
                 for n in active:
                     i = names.index(n)
                     (hv,) = torch.autograd.grad(grads[i], plist[i], grad_outputs=vecs[n], retain_graph=True)
                     hv_acc[n] += hv.detach() / nb
-                if do_trace:
+                if do_trace and cfg.trace_mode == "gauss_newton":
+                    for _ in range(cfg.samples_per_batch):
+                        hz = _gauss_newton_probe(logits, gen)
+                        rs = torch.autograd.grad(logits, plist, grad_outputs=hz, retain_graph=True)
+                        for i, r_ in enumerate(rs):
+                            round_est[i] += float(r_.detach().double().pow(2).sum()) / logits.shape[0]
+                        round_n += 1
+                elif do_trace:
                     for _ in range(cfg.samples_per_batch):
                         zs = [_rademacher(p, gen) for p in plist]
                         if cfg.trace_mode == "joint":
@@ -232,7 +254,7 @@ def layer_hessian_stats(
                         for i, (z, hz) in enumerate(zip(zs, hzs)):
                             round_est[i] += float((z * hz.detach()).sum())
                         round_n += 1
-                del grads, loss
+                del grads, loss, logits
             # Power iteration update (Rayleigh quotient of the unit vector used this round).
             for n in active:
                 lam = float((vecs[n] * hv_acc[n]).sum())
