@@ -261,7 +261,7 @@ def _timing_lookup(r: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
 def markdown(results: list[dict[str, Any]], env: dict[str, Any], args: argparse.Namespace) -> str:
     lines = ["## Deployment (ONNX Runtime)", ""]
     lines += [
-        "Regenerate with (about 20-30 minutes on 2 busy cores):", "", "```bash",
+        "Regenerate with (about 45 minutes on 2 busy cores; the float64 evaluation of Lite0 is most of it):", "", "```bash",
         COMMAND.format(reps=args.reps, threads=args.threads), "```", "",
         f"Conditions: ONNX Runtime {env.get('onnxruntime')}, CPU {env.get('cpu')} with AVX2 "
         f"{'yes' if env.get('avx2') else 'no'}, AVX-512 VNNI {'yes' if env.get('avx512_vnni') else 'no'}, "
@@ -323,8 +323,9 @@ def markdown(results: list[dict[str, Any]], env: dict[str, Any], args: argparse.
                   f"The same PyTorch model evaluated in float64 (its exact arithmetic) agrees with the ONNX model on "
                   f"{par['agreement_float64']:.2f} % (mean logit difference {par['mean_abs_diff_float64']:.4f}) and "
                   f"with its own float32 evaluation on {par['float32_vs_float64_agreement']:.2f} % "
-                  f"({par['float32_vs_float64_mean_abs_diff']:.4f}): the remaining disagreement is PyTorch's float32 "
-                  f"rounding, which ONNX Runtime's exact integer accumulation does not have.",
+                  f"({par['float32_vs_float64_mean_abs_diff']:.4f}): the images on which the ONNX and the PyTorch "
+                  f"model disagree are decided by floating-point rounding of the same arithmetic; two PyTorch "
+                  f"evaluations of the one model disagree on about as many.",
                   f"Load average before/after timing: {[round(v, 2) for v in r['load_avg_before_after'][0]]} / "
                   f"{[round(v, 2) for v in r['load_avg_before_after'][1]]}.", ""]
         lines += ["ONNX Runtime profiler, batch 32, milliseconds per run by operator (convolutions split by kind; "
