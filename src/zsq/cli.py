@@ -141,7 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-split", default=None, help="for .npz: image array to use (e.g. exact_images_prefix)")
     p.add_argument("--eval-limit", type=_pos_int, default=None, help="evaluate only the first N images")
     p.add_argument("--out", metavar="DIR", default=None, help="output directory (default runs/<model>-w<W>a<A>)")
+    p.add_argument("--export", choices=("onnx",), default=None,
+                   help="also export: onnx writes model.int8.onnx (QDQ) and model.fp32.onnx into --out")
+    p.add_argument("--export-weight-type", choices=("auto", "int8", "uint8"), default="auto",
+                   help="ONNX weight integer type (default auto: exact on every CPU; see `zsq export --help`)")
     _add_distill_args(p)
+    from .sensitivity.commands import add_mixed_precision_args
+
+    add_mixed_precision_args(p)
     _add_common(p)
 
     p = sub.add_parser("distill", help="generate ZeroQ distilled data and save tensors + a PNG grid")
@@ -222,24 +229,46 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calib = args.calib
     if calib not in ("distilled", "gaussian") and not Path(calib).exists():
         raise ConfigError(f"--calib {calib!r}: expected 'distilled', 'gaussian' or an existing path to real images")
+    from .sensitivity.commands import mixed_precision_from_args
+
+    mp_cfg, bit_plan = mixed_precision_from_args(args)
     cfg = RunConfig(model=args.model, weights=args.weights, quant=qcfg, distill=_distill_config(args), calib=calib,
                     calib_size=args.calib_size, eval=args.eval, eval_split=args.eval_split,
-                    eval_limit=args.eval_limit, device=args.device, seed=args.seed)
+                    eval_limit=args.eval_limit, device=args.device, seed=args.seed, mixed_precision=mp_cfg,
+                    bit_plan=bit_plan, export=args.export, export_weight_type=args.export_weight_type)
     safe = re.sub(r"[^0-9A-Za-z_.-]", "_", args.model)
-    out = Path(args.out or f"runs/{safe}-w{args.wbits}a{args.abits}")
+    wtag = "mp" + str(mp_cfg.target_size or mp_cfg.bops).replace(" ", "") if mp_cfg else f"w{args.wbits}"
+    out = Path(args.out or f"runs/{safe}-{wtag}a{args.abits}")
     res = run(cfg, out_dir=out, progress=not args.quiet)
     r = res.report
     t = r["timings_s"]
     print(f"{r['quantizers']['num_weight_quantizers']} weight / {r['quantizers']['num_act_quantizers']} activation "
           f"quantizers; folded {len(r['fold']['folded'])} BN; size {r['size_bytes']['fp32'] / 1e6:.2f} MB -> "
           f"{r['size_bytes']['quantized'] / 1e6:.2f} MB")
+    label = f"W{args.wbits}A{args.abits}"
+    if "mixed_precision" in r:
+        plan = r["mixed_precision"]["plan"]
+        label = f"MP{plan.get('average_bits', 0):.2f}/A{args.abits}"
+        print(f"mixed precision ({r['mixed_precision']['settings']['method']}): {plan.get('average_bits', 0):.3f} "
+              f"bits/weight, layers per width {plan.get('metadata', {}).get('counts')}; "
+              f"sensitivity {r['timings_s'].get('mixed_precision', 0):.1f}s")
     if "quantized" in r:
-        print(f"top-1 FP32 {r['fp32']['top1']:.2f}  W{args.wbits}A{args.abits} {r['quantized']['top1']:.2f}  "
+        print(f"top-1 FP32 {r['fp32']['top1']:.2f}  {label} {r['quantized']['top1']:.2f}  "
               f"(drop {r['fp32']['top1'] - r['quantized']['top1']:+.2f})  agreement {r['agreement']:.2f}%  "
               f"KL {r['kl']:.4f}  on {r['eval']['num_images']} images")
     print(f"time: distill {t['distill']:.1f}s  calibrate {t['calibrate']:.1f}s  evaluate {t['evaluate']:.1f}s  "
           f"total {t['total']:.1f}s")
-    print(f"wrote {out}/ (quantized.safetensors, zsq_config.json, report.json, images)")
+    files = "quantized.safetensors, zsq_config.json, bit_plan.json, report.json, images"
+    if "mixed_precision" in r:
+        files += ", sensitivity.json, sensitivity.png, pareto.png"
+    if "export" in r:
+        ex = r["export"]["int8"]
+        files += ", model.int8.onnx, model.fp32.onnx"
+        ort = ex.get("ort") or {}
+        if ort:
+            print(f"ONNX export: {ort['int8_convs']} int8 / {ort['float_convs']} float convs after ONNX Runtime's "
+                  f"optimisations; {ex['file_bytes'] / 1e6:.2f} MB (true low-bit {ex['lowbit_file_bytes'] / 1e6:.2f} MB)")
+    print(f"wrote {out}/ ({files})")
     return 0
 
 

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from .allocate import (DEFAULT_MAX_BINS, Allocation, Budget, FrontierPoint, allocate, bops_budget, size_budget,
                        uniform_points)
-from .config import LayerOverride, QuantConfig, check_bits
+from .config import WEIGHT_GRANULARITIES, LayerOverride, QuantConfig, check_bits
 from .errors import ConfigError
 from .sensitivity import DEFAULT_BITS, SensitivityMethod, SensitivityTable, check_bit_candidates
 from .sensitivity.hessian import HessianConfig
@@ -144,6 +144,9 @@ class BitPlan:
     size_bytes: int | None = None
     average_bits: float | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    # Optional per-layer weight granularity ("per_channel"/"per_tensor"), e.g. from zsq.hybrid.hybrid_plan.
+    # Written to the JSON only when non-empty, so plans without it are unchanged.
+    weight_granularity: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.weight_bits, Mapping) or not self.weight_bits:
@@ -155,12 +158,24 @@ class BitPlan:
             wb[name] = check_bits(bits, f"bit plan entry {name!r}")
         object.__setattr__(self, "weight_bits", wb)
         object.__setattr__(self, "metadata", dict(self.metadata))
+        if not isinstance(self.weight_granularity, Mapping):
+            raise ConfigError("a bit plan's weight_granularity must map layer names to 'per_channel'/'per_tensor'")
+        gr: dict[str, str] = {}
+        for name, g in self.weight_granularity.items():
+            if not isinstance(name, str) or not name or name.startswith(("re:", "@")):
+                raise ConfigError(f"bit plan layer names must be exact module names, got {name!r}")
+            if g not in WEIGHT_GRANULARITIES:
+                raise ConfigError(f"bit plan weight_granularity of {name!r} is {g!r}; expected one of "
+                                  f"{', '.join(WEIGHT_GRANULARITIES)}")
+            gr[name] = g
+        object.__setattr__(self, "weight_granularity", gr)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "model": self.model, "method": self.method,
                 "budget": dict(self.budget) if self.budget is not None else None, "sensitivity": self.sensitivity,
                 "size_bytes": self.size_bytes, "average_bits": self.average_bits, "weight_bits": dict(self.weight_bits),
-                "metadata": dict(self.metadata)}
+                "metadata": dict(self.metadata),
+                **({"weight_granularity": dict(self.weight_granularity)} if self.weight_granularity else {})}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "BitPlan":
@@ -176,7 +191,8 @@ class BitPlan:
             raise ConfigError(f"bit plan version {d.get('version')} is newer than this zsq supports ({PLAN_VERSION})")
         return cls(weight_bits=dict(d["weight_bits"]), model=d.get("model"), method=d.get("method"),
                    budget=d.get("budget"), sensitivity=d.get("sensitivity"), size_bytes=d.get("size_bytes"),
-                   average_bits=d.get("average_bits"), metadata=d.get("metadata") or {})
+                   average_bits=d.get("average_bits"), metadata=d.get("metadata") or {},
+                   weight_granularity=d.get("weight_granularity") or {})
 
 
 def save_bit_plan(plan: BitPlan, path: str | Path) -> Path:
@@ -209,8 +225,9 @@ def bit_plan_overrides(plan: BitPlan | str | Path) -> dict[str, dict[str, int]]:
 
 
 def apply_bit_plan(config: QuantConfig, plan: BitPlan | str | Path) -> QuantConfig:
-    """``config`` with the plan's per-layer weight bits as exact-name overrides (applied last, so they win
-    over pattern overrides for ``wbits``; an existing exact-name override keeps its other fields).
+    """``config`` with the plan's per-layer weight bits (and weight granularities, when the plan has them) as
+    exact-name overrides (applied last, so they win over pattern overrides for ``wbits`` /
+    ``weight_granularity``; an existing exact-name override keeps its other fields).
     Layer names are checked against the model when the config is used (``zsq.quantize`` raises
     :class:`~zsq.errors.ScopeError` for a name that is not a layer)."""
     if not isinstance(plan, BitPlan):
@@ -223,6 +240,13 @@ def apply_bit_plan(config: QuantConfig, plan: BitPlan | str | Path) -> QuantConf
                               "float (override None); remove one of the two")
         overrides[name] = dataclasses.replace(old, wbits=bits) if isinstance(old, LayerOverride) else \
             LayerOverride(wbits=bits)
+    for name, gran in plan.weight_granularity.items():  # hybrid per-tensor/per-channel plans
+        old = overrides.pop(name, None)
+        if name in config.overrides and old is None:
+            raise ConfigError(f"the bit plan sets the weight granularity of layer {name!r} but the configuration "
+                              "keeps it in float (override None); remove one of the two")
+        overrides[name] = dataclasses.replace(old, weight_granularity=gran) if isinstance(old, LayerOverride) else \
+            LayerOverride(weight_granularity=gran)
     for name in plan.weight_bits:
         for s in config.skip:
             if s == name:
@@ -230,14 +254,15 @@ def apply_bit_plan(config: QuantConfig, plan: BitPlan | str | Path) -> QuantConf
     return dataclasses.replace(config, overrides=overrides)
 
 
-def plan_from_config(config: QuantConfig, model: nn.Module | None = None, **meta: Any) -> BitPlan:
-    """The per-layer weight bits that ``config`` gives: resolved on ``model`` (every quantized layer)
-    when it is given, else only the exact-name overrides that set ``wbits``."""
-    if model is not None:
+def plan_from_config(config: QuantConfig, network: nn.Module | None = None, **meta: Any) -> BitPlan:
+    """The per-layer weight bits that ``config`` gives: resolved on ``network`` (the float, BN-folded
+    model: every quantized layer) when it is given, else only the exact-name overrides that set
+    ``wbits``. ``meta``: further :class:`BitPlan` fields (``model=`` name, ``method=`` ...)."""
+    if network is not None:
         from .graph import trace
         from .quant.apply import resolve_layer_plans
 
-        plans = resolve_layer_plans(trace(model), config)
+        plans = resolve_layer_plans(trace(network), config)
         bits = {p.name: p.wbits for p in plans if p.wbits is not None}
     else:
         bits = {k: v.wbits for k, v in config.overrides.items()

@@ -42,8 +42,16 @@ class RunConfig:
     eval_batch_size: int = 100
     device: str = "cpu"
     seed: int = 0
+    mixed_precision: Any = None  # zsq.mixed_precision.MixedPrecisionConfig: choose per-layer weight bits
+    bit_plan: str | None = None  # path of a bit plan JSON (per-layer weight bits) to apply
+    export: str | None = None  # "onnx": also write model.int8.onnx + model.fp32.onnx
+    export_weight_type: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.mixed_precision is not None and self.bit_plan is not None:
+            raise ConfigError("a bit plan and mixed precision exclude each other: the plan already fixes the bits")
+        if self.export not in (None, "onnx"):
+            raise ConfigError(f"export must be 'onnx' or None, got {self.export!r}")
         if self.calib_size is not None and self.calib_size < 1:
             raise ConfigError(f"calib_size must be >= 1, got {self.calib_size}")
         if self.device not in ("cpu",) and not str(self.device).startswith("cuda"):
@@ -53,6 +61,8 @@ class RunConfig:
         d = dataclasses.asdict(self)
         d["quant"] = self.quant.to_dict()
         d["distill"] = self.distill.to_dict()
+        if self.mixed_precision is not None:
+            d["mixed_precision"] = self.mixed_precision.to_dict()
         return d
 
 
@@ -124,15 +134,33 @@ def run(cfg: RunConfig, *, out_dir: str | Path | None = None, progress: bool = T
         eval_ds = load_dataset(cfg.eval, spec.preprocessing, limit=cfg.eval_limit, split=cfg.eval_split)
         check_labels(eval_ds, spec.num_classes)
 
-    # Fold and place quantizers first: a typo in a layer pattern fails in seconds, not after distillation.
+    quant_cfg = cfg.quant
+    if cfg.bit_plan is not None:
+        from .mixed_precision import apply_bit_plan
+
+        quant_cfg = apply_bit_plan(quant_cfg, cfg.bit_plan)
+
+    # Fold and place quantizers first: a typo in a layer pattern or a bit plan for another model fails in
+    # seconds, not after distillation.
     t = time.perf_counter()
     folded, fold_report = fold_batchnorm(model)
-    qmodel = quantize(folded, cfg.quant, inplace=True)
+    qmodel = quantize(folded, quant_cfg, inplace=False)
     t_prepare = time.perf_counter() - t
 
     t = time.perf_counter()
     calib_x, calib_info = calibration_inputs(model, spec, cfg, progress=progress)
     timings["distill"] = time.perf_counter() - t
+
+    mp = None
+    if cfg.mixed_precision is not None:
+        from .mixed_precision import mixed_precision_plan
+
+        t = time.perf_counter()
+        mp = mixed_precision_plan(folded, calib_x, quant_cfg, config=cfg.mixed_precision, model_name=cfg.model,
+                                  device=device, progress=progress)
+        quant_cfg = mp.quant_config
+        qmodel = quantize(folded, quant_cfg, inplace=False)
+        timings["mixed_precision"] = time.perf_counter() - t
 
     t = time.perf_counter()
     log.info("%s", fold_report)
@@ -151,6 +179,10 @@ def run(cfg: RunConfig, *, out_dir: str | Path | None = None, progress: bool = T
         "size_bytes": {"fp32": fp32_size_bytes(model), "quantized": quantized_size_bytes(qmodel)},
     }
     report["size_bytes"]["ratio"] = round(report["size_bytes"]["fp32"] / report["size_bytes"]["quantized"], 3)
+    if mp is not None:
+        report["mixed_precision"] = mp.to_dict()
+    if cfg.bit_plan is not None:
+        report["bit_plan"] = str(cfg.bit_plan)
 
     if eval_ds is not None:
         from .evaluate import compare
@@ -174,5 +206,21 @@ def run(cfg: RunConfig, *, out_dir: str | Path | None = None, progress: bool = T
         save_quantized(qmodel, out, model_name=cfg.model,
                        extra={"preprocessing": spec.preprocessing.to_dict(), "weights": cfg.weights})
         save_image_grid(calib_x, spec.preprocessing, out / f"{calib_info['source']}_images.png")
+        from .mixed_precision import plan_from_config, save_bit_plan
+
+        if mp is not None:
+            report["mixed_precision"]["files"] = {k: str(v) for k, v in mp.save(out).items()}
+        else:  # the plan in force, reusable with --bit-plan
+            save_bit_plan(plan_from_config(quant_cfg, folded, model=cfg.model), out / "bit_plan.json")
+        if cfg.export == "onnx":
+            from .export import export_pair
+
+            t = time.perf_counter()
+            report["export"] = export_pair(model, qmodel, out, example_input=calib_x[:1].cpu(),
+                                           weight_type=cfg.export_weight_type)
+            timings["export"] = time.perf_counter() - t
+            report["timings_s"]["export"] = round(timings["export"], 3)
         (out / "report.json").write_text(json.dumps(report, indent=2))
+    elif cfg.export is not None:
+        raise ConfigError("export needs an output directory (out_dir)")
     return RunResult(model, qmodel, spec, calib_x, report)

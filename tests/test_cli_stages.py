@@ -1,0 +1,116 @@
+"""``zsq quantize`` with the later pipeline stages switched on: ``--mixed-precision``, ``--bit-plan``
+and ``--export onnx``, end to end on the registry's tiny model (seconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from zsq.cli import main
+
+FAST = ["--distill-iters", "5", "--distill-batch-size", "8", "-q"]
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def report(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def mp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mp")
+    rc = main(["quantize", "tiny_cnn", "--wbits", "4", "--abits", "8", "--mixed-precision", "--target-size", "4bit",
+               "--mp-bits", "2,4,8", "--out", str(out), *FAST])
+    assert rc == 0
+    return out
+
+
+def test_mixed_precision_writes_plan_plots_and_meets_budget(mp_run):
+    for f in ("bit_plan.json", "sensitivity.json", "sensitivity.png", "pareto.png", "quantized.safetensors"):
+        assert (mp_run / f).is_file(), f
+    r = report(mp_run)
+    mp = r["mixed_precision"]
+    plan = json.loads((mp_run / "bit_plan.json").read_text())
+    assert plan["format"] == "zsq-bit-plan"
+    bits = plan["weight_bits"]
+    assert set(bits.values()) <= {2, 4, 8}
+    # the quantized model uses exactly the plan's widths
+    layers = {l["name"]: l["wbits"] for l in r["quantizers"]["layers"]}
+    assert {k: layers[k] for k in bits} == bits
+    # the budget (uniform 4-bit weights) holds
+    assert mp["allocation"]["budget"]["kind"] == "size"
+    assert mp["allocation"]["size_bits"] <= mp["allocation"]["budget"]["value"] + 1e-6
+    assert mp["settings"]["method"] == "kl"
+    assert r["settings"]["mixed_precision"]["target_size"] == "4bit"
+    assert "mixed_precision" in r["timings_s"]
+
+
+def test_bit_plan_reuse_reproduces_the_widths(mp_run, tmp_path, capsys):
+    out = tmp_path / "again"
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--abits", "8", "--bit-plan", mp_run / "bit_plan.json",
+                     "--out", out, *FAST)
+    assert rc == 0, err
+    want = json.loads((mp_run / "bit_plan.json").read_text())["weight_bits"]
+    layers = {l["name"]: l["wbits"] for l in report(out)["quantizers"]["layers"]}
+    assert {k: layers[k] for k in want} == want
+    assert report(out)["bit_plan"].endswith("bit_plan.json")
+    assert "mixed_precision" not in report(out)
+
+
+def test_plain_run_writes_its_bit_plan(tmp_path, capsys):
+    out = tmp_path / "plain"
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--wbits", "6", "--override", "@first=w8", "--out", out, *FAST)
+    assert rc == 0, err
+    bits = json.loads((out / "bit_plan.json").read_text())["weight_bits"]
+    assert bits["conv1"] == 8 and set(bits.values()) == {6, 8}
+
+
+def test_mixed_precision_and_bit_plan_exclude_each_other(mp_run, tmp_path, capsys):
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--mixed-precision", "--bit-plan", mp_run / "bit_plan.json",
+                     "--out", tmp_path / "x", *FAST)
+    assert rc == 2 and "exclude each other" in err and "Traceback" not in err
+    assert len([l for l in err.splitlines() if l.strip()]) == 1
+
+
+def test_missing_bit_plan_is_one_line_error(tmp_path, capsys):
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--bit-plan", tmp_path / "nope.json", "--out", tmp_path / "x",
+                     *FAST)
+    assert rc == 2 and "does not exist" in err and "Traceback" not in err
+
+
+def test_bad_target_size_is_one_line_error(tmp_path, capsys):
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--mixed-precision", "--target-size", "lots",
+                     "--out", tmp_path / "x", *FAST)
+    assert rc == 2 and "Traceback" not in err
+    assert len([l for l in err.splitlines() if l.strip()]) == 1
+
+
+def test_export_onnx_writes_both_models_that_run(tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    import numpy as np
+    import torch
+
+    from zsq.checkpoint import load_quantized
+
+    out = tmp_path / "ex"
+    rc, stdout, err = cli(capsys, "quantize", "tiny_cnn", "--export", "onnx", "--out", out, *FAST)
+    assert rc == 0, err
+    assert (out / "model.int8.onnx").is_file() and (out / "model.fp32.onnx").is_file()
+    ex = report(out)["export"]
+    assert ex["int8"]["ort"]["float_convs"] == 0 and ex["int8"]["ort"]["int8_convs"] >= 1
+    assert "ONNX export" in stdout
+    qmodel, spec, _ = load_quantized(out)
+    x = torch.randn(4, 3, *spec.preprocessing.input_size, generator=torch.Generator().manual_seed(0))
+    sess = ort.InferenceSession(str(out / "model.int8.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = qmodel(x).numpy()
+    assert np.abs(got - want).max() < 0.2 * float(np.abs(want).max()) + 1e-3
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.75
