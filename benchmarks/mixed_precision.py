@@ -200,7 +200,7 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str, wall: 
              f"Command: `{command}`", "",
              f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads, shared with other jobs (timings are wall-clock on a loaded "
-             f"2-core CPU). Total wall time {wall / 60:.1f} min.", "",
+             f"2-core CPU). Wall time, summed over the models: {wall / 60:.1f} min.", "",
              "Setting, the same for every row of a model: weights symmetric per-channel with the MSE range "
              "estimator, activations 8-bit asymmetric with static percentile (99.99) ranges at the ONNX-QDQ "
              "places (network input, every conv/linear input, residual adds), BN folded; calibration and "
@@ -296,18 +296,25 @@ def main() -> int:
     ap.add_argument("--lite-iters", type=int, default=40)
     ap.add_argument("--random-seeds", type=int, default=3)
     ap.add_argument("--skip-hvp-check", action="store_true")
+    ap.add_argument("--reuse", action="store_true",
+                    help="models whose ARTIFACTS/<model>/result.json exists are not run again (resume a run "
+                         "that was split over several invocations)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     missing = [p for p in (CIFAR, IMAGENET, *RESNET_WEIGHTS.values()) if not p.exists()]
     if missing:
         sys.exit(f"missing assets: {', '.join(map(str, missing))}")
-    t0 = time.perf_counter()
     results = []
     for name in args.models.split(","):
+        saved = Path(args.artifacts) / name.strip() / "result.json"
+        if args.reuse and saved.is_file():
+            log(f"{name}: reusing {saved}")
+            results.append(json.loads(saved.read_text()))
+            continue
         results.append(run_model(name.strip(), args))
     command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
-    text = markdown(results, args, command, time.perf_counter() - t0)
+    text = markdown(results, args, command, sum(float(r.get("total_s", 0.0)) for r in results))
     Path(args.out).write_text(text)
     Path(args.artifacts).mkdir(parents=True, exist_ok=True)
     (Path(args.artifacts) / "results.json").write_text(json.dumps(results, indent=2, default=str))

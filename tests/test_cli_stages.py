@@ -114,3 +114,68 @@ def test_export_onnx_writes_both_models_that_run(tmp_path, capsys):
         want = qmodel(x).numpy()
     assert np.abs(got - want).max() < 0.2 * float(np.abs(want).max()) + 1e-3
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.75
+
+
+def test_proxy_calibration_picks_the_closest_candidate(tmp_path, capsys):
+    out = tmp_path / "proxy"
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--calib", "proxy:gaussian,procedural:blobs", "--calib-size", "8",
+                     "--out", out, *FAST)
+    assert rc == 0, err
+    c = report(out)["calibration"]
+    assert c["source"] == "proxy" and c["num_inputs"] == 8
+    ranking = c["ranking"]
+    assert [r["candidate"] for r in ranking][0] == c["selected"]
+    assert ranking[0]["distance"] <= ranking[-1]["distance"]
+
+
+def test_proxy_plus_distilled_mixes(tmp_path, capsys):
+    out = tmp_path / "pd"
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--calib", "proxy+distilled:procedural:textures", "--out", out,
+                     *FAST)
+    assert rc == 0, err
+    c = report(out)["calibration"]
+    assert c["source"] == "proxy+distilled" and c["num_inputs"] == 8 and "distill" in c
+
+
+def test_bad_proxy_candidate_is_one_line_error(tmp_path, capsys):
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--calib", "proxy:procedural:nope", "--out", tmp_path / "x",
+                     *FAST)
+    assert rc == 2 and "Traceback" not in err and "procedural:nope" in err
+    assert len([l for l in err.splitlines() if l.strip()]) == 1
+
+
+def test_hybrid_granularity_run_writes_the_plan(tmp_path, capsys):
+    out = tmp_path / "hy"
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--weight-granularity", "hybrid", "--hybrid-threshold", "1e9",
+                     "--out", out, *FAST)
+    assert rc == 0, err
+    r = report(out)
+    assert r["hybrid"]["threshold_source"] == "given"
+    plan = json.loads((out / "bit_plan.json").read_text())
+    assert set(plan["weight_granularity"].values()) == {"per_tensor"}  # a huge threshold: all per-tensor
+    layers = {l["name"]: l for l in r["quantizers"]["layers"] if l["wbits"] is not None}
+    assert all(l["weight_granularity"] == "per_tensor" for l in layers.values())
+
+
+def test_hybrid_options_need_hybrid(tmp_path, capsys):
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--hybrid-threshold", "0.1", "--out", tmp_path / "x", *FAST)
+    assert rc == 2 and "--weight-granularity hybrid" in err
+
+
+def test_nonuniform_weights_run_and_refuse_export(tmp_path, capsys):
+    out = tmp_path / "nu"
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--wbits", "4", "--weight-quantizer", "nonuniform",
+                     "--out", out, *FAST)
+    assert rc == 0, err
+    assert report(out)["settings"]["quant"]["weight_quantizer"] == "nonuniform"
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--wbits", "4", "--weight-quantizer", "nonuniform",
+                     "--export", "onnx", "--out", tmp_path / "nu2", *FAST)
+    assert rc == 2 and "non-uniform" in err
+
+
+def test_override_spec_nonuniform():
+    from zsq.cli import parse_override
+
+    assert parse_override("re:.*conv.*=w4,nu") == ("re:.*conv.*", {"wbits": 4, "weight_quantizer": "nonuniform"})
+    assert parse_override("fc=w8,pt,uni")[1] == {"wbits": 8, "weight_granularity": "per_tensor",
+                                                  "weight_quantizer": "uniform"}

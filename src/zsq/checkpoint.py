@@ -3,7 +3,9 @@
 A checkpoint directory holds ``quantized.safetensors`` (state dict; quantized weights stored as
 int8 integer grid values, so the file is ~4x smaller than FP32) and ``zsq_config.json``
 (model name, preprocessing and the :class:`~zsq.config.QuantConfig`) from which
-:func:`load_quantized` rebuilds the exact same fake-quantized graph.
+:func:`load_quantized` rebuilds the exact same fake-quantized graph. Non-uniformly quantized layers
+(``weight_quantizer="nonuniform"``) store ``<layer>.weight_codes`` (codebook indices packed at ``wbits``
+bits) and their codebook (``<layer>.weight_quantizer.codebook``, float16 when lossless, else float32).
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ from .config import QuantConfig
 from .errors import CheckpointError
 from .quant.modules import QUANT_LAYER_TYPES
 from .quant import primitives as P
+from .quant.nonuniform import codebook_storage_dtype, dequantize_indices, is_nonuniform, pack_indices, unpack_indices
 
 WEIGHTS_FILE = "quantized.safetensors"
 CONFIG_FILE = "zsq_config.json"
 FORMAT_VERSION = 1
 INT_SUFFIX = ".weight_int"
+CODES_SUFFIX = ".weight_codes"  # non-uniform weights: codebook indices packed at wbits bits (uint8 bytes)
+CODEBOOK_SUFFIX = ".weight_quantizer.codebook"  # stored as float16 when that is lossless
 
 
 def save_quantized(qmodel: fx.GraphModule, out_dir: str | Path, *, model_name: str, extra: dict[str, Any] | None = None) -> Path:
@@ -38,6 +43,13 @@ def save_quantized(qmodel: fx.GraphModule, out_dir: str | Path, *, model_name: s
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in qmodel.state_dict().items()}
     for name, m in qmodel.named_modules():
+        if isinstance(m, QUANT_LAYER_TYPES) and is_nonuniform(m.weight_quantizer):
+            wq = m.weight_quantizer
+            sd.pop(f"{name}.weight")
+            sd[f"{name}{CODES_SUFFIX}"] = pack_indices(wq.integer(m.weight.detach()).cpu(), wq.bits).contiguous()
+            cb = sd[f"{name}{CODEBOOK_SUFFIX}"]
+            sd[f"{name}{CODEBOOK_SUFFIX}"] = cb.to(codebook_storage_dtype(cb)).contiguous()
+            continue
         if isinstance(m, QUANT_LAYER_TYPES) and m.weight_quantizer is not None:
             q = m.weight_quantizer.integer(m.weight.detach()).cpu()
             dtype = torch.int8 if m.weight_quantizer.symmetric else torch.uint8
@@ -91,6 +103,17 @@ def load_quantized(ckpt_dir: str | Path) -> tuple[fx.GraphModule, Any, dict[str,
     qmodel = quantize(folded, QuantConfig.from_dict(meta["quant_config"]), inplace=True)
     sd = load_file(str(d / WEIGHTS_FILE))
     layers = dict(qmodel.named_modules())
+    for key in [k for k in sd if k.endswith(CODES_SUFFIX)]:
+        name = key[: -len(CODES_SUFFIX)]
+        m = layers.get(name)
+        if m is None or not isinstance(m, QUANT_LAYER_TYPES) or not is_nonuniform(m.weight_quantizer):
+            raise CheckpointError(f"checkpoint has codebook indices for {name!r}, which is not a non-uniformly "
+                                  "quantized layer here")
+        wq = m.weight_quantizer
+        cb = sd[f"{name}{CODEBOOK_SUFFIX}"].float()
+        sd[f"{name}{CODEBOOK_SUFFIX}"] = cb
+        idx = unpack_indices(sd.pop(key), wq.bits, m.weight.numel()).reshape(m.weight.shape)
+        sd[f"{name}.weight"] = dequantize_indices(idx, cb, wq.per_channel).to(m.weight.dtype)
     for key in [k for k in sd if k.endswith(INT_SUFFIX)]:
         name = key[: -len(INT_SUFFIX)]
         m = layers.get(name)

@@ -43,17 +43,17 @@ def _pos_int(s: str) -> int:
     return v
 
 
-OVERRIDE_RE = re.compile(r"^(?:(float)|(?:w(\d))?(?:a(\d))?(?:,?(pc|pt))?)$")
+OVERRIDE_RE = re.compile(r"^(?:(float)|(?:w(\d))?(?:a(\d))?(?:,?(pc|pt))?(?:,?(nu|uni))?)$")
 
 
 def parse_override(text: str) -> tuple[str, dict[str, Any] | None]:
-    """``PATTERN=SPEC`` with SPEC ``w8a8``, ``w8``, ``a6``, ``w4,pt``, or ``float``."""
+    """``PATTERN=SPEC`` with SPEC ``w8a8``, ``w8``, ``a6``, ``w4,pt``, ``w4,nu`` (non-uniform weights), or ``float``."""
     if "=" not in text:
         raise ConfigError(f"--override {text!r}: expected PATTERN=SPEC, e.g. '@first=w8a8', 're:.*fc=w8', 'conv1=float'")
     pattern, spec = text.rsplit("=", 1)
     m = OVERRIDE_RE.match(spec.strip())
     if not pattern or not m or not any(m.groups()):
-        raise ConfigError(f"--override {text!r}: SPEC must look like w8a8, w4, a6, w4a8,pt or float")
+        raise ConfigError(f"--override {text!r}: SPEC must look like w8a8, w4, a6, w4a8,pt, w4,nu or float")
     if m.group(1):
         return pattern, None
     ov: dict[str, Any] = {}
@@ -63,6 +63,8 @@ def parse_override(text: str) -> tuple[str, dict[str, Any] | None]:
         ov["abits"] = int(m.group(3))
     if m.group(4):
         ov["weight_granularity"] = "per_channel" if m.group(4) == "pc" else "per_tensor"
+    if m.group(5):
+        ov["weight_quantizer"] = "nonuniform" if m.group(5) == "nu" else "uniform"
     return pattern, ov
 
 
@@ -124,7 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--wbits", type=_bits, default=qd.wbits, help=f"weight bits 2-8 (default {qd.wbits})")
     p.add_argument("--abits", type=_bits, default=qd.abits, help=f"activation bits 2-8 (default {qd.abits})")
-    p.add_argument("--weight-granularity", choices=("per_channel", "per_tensor"), default=qd.weight_granularity)
+    p.add_argument("--weight-granularity", choices=("per_channel", "per_tensor", "hybrid"),
+                   default=qd.weight_granularity,
+                   help="weight scales per output channel (default), per tensor, or hybrid: per tensor where the "
+                        "extra KL sensitivity on the calibration data is below --hybrid-threshold")
+    p.add_argument("--hybrid-threshold", type=float, default=None, metavar="T",
+                   help="KL (nats) below which a layer goes per-tensor (default: chosen on the calibration data)")
+    p.add_argument("--hybrid-tolerance", type=float, default=None, metavar="F",
+                   help="automatic threshold: allowed relative KL increase over all per-channel (default 0.05)")
+    p.add_argument("--weight-quantizer", choices=("uniform", "nonuniform"), default="uniform",
+                   help="uniform integer grid (default) or non-uniform codebook levels (not exportable to ONNX QDQ)")
     p.add_argument("--weight-asymmetric", action="store_true", help="asymmetric (uint) weights instead of symmetric int")
     p.add_argument("--weight-estimator", choices=WEIGHT_ESTIMATORS, default=qd.weight_estimator,
                    help=f"weight range (default {qd.weight_estimator})")
@@ -135,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-layer setting, e.g. '@first=w8a8', '@last=w8', 're:.*depthwise.*=w8', 'conv1=float' (repeatable)")
     p.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="keep matching layers in float (repeatable; must match)")
     p.add_argument("--calib", default="distilled", metavar="SOURCE",
-                   help="calibration data: distilled (default), gaussian, or a PATH to real images / saved tensors")
+                   help="calibration data: distilled (default), gaussian, a PATH to real images / saved tensors, "
+                        "proxy:A,B,... (ZeroP: the candidate closest to the BN statistics; see `zsq proxy rank`) or "
+                        "proxy+distilled:A,B,... (half proxy, half distilled)")
     p.add_argument("--calib-size", type=_pos_int, default=None, help="images for gaussian/real calibration")
     p.add_argument("--eval", metavar="PATH", help="labelled eval set: .npz, folder with labels.csv, or ImageFolder")
     p.add_argument("--eval-split", default=None, help="for .npz: image array to use (e.g. exact_images_prefix)")
@@ -220,22 +233,33 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .pipeline import RunConfig, run
 
     overrides = dict(parse_override(o) for o in args.override)
+    hybrid = args.weight_granularity == "hybrid"
+    if not hybrid and (args.hybrid_threshold is not None or args.hybrid_tolerance is not None):
+        raise ConfigError("--hybrid-threshold / --hybrid-tolerance need --weight-granularity hybrid")
     qcfg = QuantConfig(
-        wbits=args.wbits, abits=args.abits, weight_granularity=args.weight_granularity,
+        wbits=args.wbits, abits=args.abits, weight_quantizer=args.weight_quantizer,
+        weight_granularity="per_channel" if hybrid else args.weight_granularity,
         weight_symmetric=not args.weight_asymmetric, weight_estimator=args.weight_estimator,
         act_estimator=args.act_estimator, act_percentile=args.act_percentile, overrides=overrides,
         skip=tuple(args.skip),
     )
+    from .proxy import split_calib
+
     calib = args.calib
-    if calib not in ("distilled", "gaussian") and not Path(calib).exists():
-        raise ConfigError(f"--calib {calib!r}: expected 'distilled', 'gaussian' or an existing path to real images")
+    if calib not in ("distilled", "gaussian") and split_calib(calib) is None and not Path(calib).exists():
+        raise ConfigError(f"--calib {calib!r}: expected 'distilled', 'gaussian', 'proxy:A,B,...', "
+                          "'proxy+distilled:A,B,...' or an existing path to real images")
+    if args.export and args.weight_quantizer == "nonuniform":
+        raise ConfigError("--export onnx cannot express non-uniform (codebook) weights in QDQ; use "
+                          "--weight-quantizer uniform to export")
     from .sensitivity.commands import mixed_precision_from_args
 
     mp_cfg, bit_plan = mixed_precision_from_args(args)
     cfg = RunConfig(model=args.model, weights=args.weights, quant=qcfg, distill=_distill_config(args), calib=calib,
                     calib_size=args.calib_size, eval=args.eval, eval_split=args.eval_split,
                     eval_limit=args.eval_limit, device=args.device, seed=args.seed, mixed_precision=mp_cfg,
-                    bit_plan=bit_plan, export=args.export, export_weight_type=args.export_weight_type)
+                    bit_plan=bit_plan, export=args.export, export_weight_type=args.export_weight_type,
+                    hybrid=hybrid, hybrid_threshold=args.hybrid_threshold, hybrid_tolerance=args.hybrid_tolerance)
     safe = re.sub(r"[^0-9A-Za-z_.-]", "_", args.model)
     wtag = "mp" + str(mp_cfg.target_size or mp_cfg.bops).replace(" ", "") if mp_cfg else f"w{args.wbits}"
     out = Path(args.out or f"runs/{safe}-{wtag}a{args.abits}")
@@ -325,7 +349,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-PLUGIN_MODULES: list[str] = ["zsq.export.commands", "zsq.sensitivity.commands"]
+PLUGIN_MODULES: list[str] = ["zsq.export.commands", "zsq.sensitivity.commands", "zsq.proxy.commands"]
 
 COMMANDS = {"models": cmd_models, "layers": cmd_layers, "quantize": cmd_quantize, "distill": cmd_distill,
             "eval": cmd_eval}

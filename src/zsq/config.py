@@ -13,6 +13,7 @@ MAX_BITS = 8
 
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
 WEIGHT_ESTIMATORS = ("minmax", "mse")
+WEIGHT_QUANTIZERS = ("uniform", "nonuniform")  # nonuniform: codebook per layer/channel (zsq.quant.nonuniform)
 ACT_ESTIMATORS = ("minmax", "percentile", "mse")
 LR_SCHEDULES = ("constant", "cosine", "plateau")
 DISTILL_INITS = ("gaussian", "uniform")
@@ -55,8 +56,11 @@ class LayerOverride(_JsonMixin):
     wbits: int | None = None
     abits: int | None = None
     weight_granularity: str | None = None
+    weight_quantizer: str | None = None
 
     def __post_init__(self) -> None:
+        if self.weight_quantizer is not None:
+            _check_choice(self.weight_quantizer, WEIGHT_QUANTIZERS, "override weight_quantizer")
         if self.wbits is not None:
             check_bits(self.wbits, "override wbits")
         if self.abits is not None:
@@ -86,8 +90,10 @@ class QuantConfig(_JsonMixin):
     act_percentile: float = 99.99
     overrides: dict[str, Any] = field(default_factory=dict)
     skip: tuple[str, ...] = ()
+    weight_quantizer: str = "uniform"  # "uniform" grid or "nonuniform" codebook (zsq.quant.nonuniform)
 
     def __post_init__(self) -> None:
+        _check_choice(self.weight_quantizer, WEIGHT_QUANTIZERS, "weight_quantizer")
         check_bits(self.wbits, "wbits")
         check_bits(self.abits, "abits")
         _check_choice(self.weight_granularity, WEIGHT_GRANULARITIES, "weight_granularity")

@@ -62,3 +62,7 @@ class ExportError(ZsqError, RuntimeError):
 
 class CheckpointError(ZsqError, ValueError):
     """A zsq checkpoint directory or file is missing or inconsistent."""
+
+
+class UnsupportedQuantizerError(ExportError, UnsupportedLayerError):
+    """A layer's quantizer (e.g. a non-uniform weight codebook) has no equivalent in the export format."""

@@ -46,8 +46,13 @@ class RunConfig:
     bit_plan: str | None = None  # path of a bit plan JSON (per-layer weight bits) to apply
     export: str | None = None  # "onnx": also write model.int8.onnx + model.fp32.onnx
     export_weight_type: str = "auto"
+    hybrid: bool = False  # choose per-tensor / per-channel weights per layer (zsq.hybrid)
+    hybrid_threshold: float | None = None  # None: chosen on the calibration data
+    hybrid_tolerance: float | None = None  # None: zsq.hybrid's default
 
     def __post_init__(self) -> None:
+        if not self.hybrid and (self.hybrid_threshold is not None or self.hybrid_tolerance is not None):
+            raise ConfigError("hybrid_threshold / hybrid_tolerance need hybrid=True (--weight-granularity hybrid)")
         if self.mixed_precision is not None and self.bit_plan is not None:
             raise ConfigError("a bit plan and mixed precision exclude each other: the plan already fixes the bits")
         if self.export not in (None, "onnx"):
@@ -86,7 +91,20 @@ def calibration_inputs(model: nn.Module, spec: Any, cfg: RunConfig, *, progress:
     """The calibration inputs for ``cfg.calib`` and a small info dict for the report."""
     from .distill import distill, gaussian_inputs
 
+    from .proxy import mix_with_distilled, proxy_inputs, split_calib
+
     n_default = cfg.distill.num_batches * cfg.distill.resolved_batch_size(spec.preprocessing.input_size)
+    proxy = split_calib(cfg.calib)
+    if proxy is not None:  # ZeroP: the candidate closest to the model's BN statistics
+        mode, spec_text = proxy
+        x, info = proxy_inputs(model, spec.preprocessing, spec_text, num_images=cfg.calib_size or n_default,
+                               seed=cfg.seed, device=cfg.device, progress=progress)
+        if mode == "proxy+distilled":
+            res = distill(model, spec.preprocessing, dataclasses.replace(cfg.distill, seed=cfg.seed),
+                          device=cfg.device, progress=progress)
+            x = mix_with_distilled(x, res.inputs, seed=cfg.seed)
+            info = {**info, "source": "proxy+distilled", "distill": res.to_dict(), "num_inputs": int(x.shape[0])}
+        return x, info
     if cfg.calib == "distilled":
         res = distill(model, spec.preprocessing, dataclasses.replace(cfg.distill, seed=cfg.seed),
                       device=cfg.device, progress=progress)
@@ -97,7 +115,8 @@ def calibration_inputs(model: nn.Module, spec: Any, cfg: RunConfig, *, progress:
     path = Path(cfg.calib)
     if not path.exists():
         raise ConfigError(
-            f"--calib {cfg.calib!r} is neither 'distilled', 'gaussian' nor an existing path to real images"
+            f"--calib {cfg.calib!r} is neither 'distilled', 'gaussian', 'proxy:A,B,...', 'proxy+distilled:A,B,...' "
+            "nor an existing path to real images"
         )
     from .data import unlabeled_images
 
@@ -162,6 +181,18 @@ def run(cfg: RunConfig, *, out_dir: str | Path | None = None, progress: bool = T
         qmodel = quantize(folded, quant_cfg, inplace=False)
         timings["mixed_precision"] = time.perf_counter() - t
 
+    hybrid_info = hybrid_plan_obj = None
+    if cfg.hybrid:
+        from .hybrid import HybridConfig, hybrid_plan
+
+        t = time.perf_counter()
+        hcfg = HybridConfig() if cfg.hybrid_tolerance is None else HybridConfig(tolerance=cfg.hybrid_tolerance)
+        quant_cfg, hybrid_plan_obj, hybrid_info = hybrid_plan(folded, calib_x, quant_cfg, threshold=cfg.hybrid_threshold,
+                                                              config=hcfg, device=device, progress=progress,
+                                                              model_name=cfg.model)
+        qmodel = quantize(folded, quant_cfg, inplace=False)
+        timings["hybrid"] = time.perf_counter() - t
+
     t = time.perf_counter()
     log.info("%s", fold_report)
     qmodel.to(device)
@@ -183,6 +214,8 @@ def run(cfg: RunConfig, *, out_dir: str | Path | None = None, progress: bool = T
         report["mixed_precision"] = mp.to_dict()
     if cfg.bit_plan is not None:
         report["bit_plan"] = str(cfg.bit_plan)
+    if hybrid_info is not None:
+        report["hybrid"] = hybrid_info
 
     if eval_ds is not None:
         from .evaluate import compare
@@ -210,7 +243,9 @@ def run(cfg: RunConfig, *, out_dir: str | Path | None = None, progress: bool = T
 
         if mp is not None:
             report["mixed_precision"]["files"] = {k: str(v) for k, v in mp.save(out).items()}
-        else:  # the plan in force, reusable with --bit-plan
+        if hybrid_plan_obj is not None:  # bits (from mixed precision or uniform) + granularity in one plan
+            save_bit_plan(hybrid_plan_obj, out / "bit_plan.json")
+        elif mp is None:  # the plan in force, reusable with --bit-plan
             save_bit_plan(plan_from_config(quant_cfg, folded, model=cfg.model), out / "bit_plan.json")
         if cfg.export == "onnx":
             from .export import export_pair

@@ -10,6 +10,7 @@ from .datasets import (
     dataset_labels,
     iter_batches,
     load_dataset,
+    open_images,
     unlabeled_images,
 )
 
@@ -23,5 +24,6 @@ __all__ = [
     "dataset_labels",
     "iter_batches",
     "load_dataset",
+    "open_images",
     "unlabeled_images",
 ]

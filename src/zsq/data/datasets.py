@@ -43,6 +43,7 @@ __all__ = [
     "dataset_labels",
     "iter_batches",
     "load_dataset",
+    "open_images",
     "unlabeled_images",
 ]
 
@@ -362,6 +363,22 @@ def unlabeled_images(
         raise DatasetError(f"{ds.source}: the selection (subset={subset}, limit={limit}) leaves no images "
                            f"of {len(ds)}; choose a range inside 0..{len(ds)}")
     return out.images()
+
+
+def open_images(
+    path: str | os.PathLike[str],
+    preprocessing: Preprocessing,
+    *,
+    split: str | None = None,
+) -> ImageDataset:
+    """Open any source :func:`unlabeled_images` accepts without decoding it: an :class:`ImageDataset`
+    (labels ``-1`` where the source has none) to draw a sample from with ``get_batch(indices)``."""
+    if not isinstance(preprocessing, Preprocessing):
+        raise ConfigError(f"preprocessing must be a zsq Preprocessing, got {type(preprocessing).__name__}")
+    ds = _open(_resolve(path, split, for_labels=False), preprocessing, split=split, need_labels=False)
+    if len(ds) == 0:
+        raise DatasetError(f"{ds.source} holds no images")
+    return ds
 
 
 def _check_selection(limit: Any, subset: Any) -> None:

@@ -24,6 +24,7 @@ from ..errors import ConfigError
 from ..graph import is_add, module_of, trace
 from ..scope import matches, validate_patterns
 from .modules import QUANT_LAYER_TYPES, QUANT_MODULE_FOR, ActQuantizer, WeightQuantizer
+from .nonuniform import NonUniformWeightQuantizer
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class LayerPlan:
     weight_granularity: str
     params: int
     out_channels: int
+    weight_quantizer: str = "uniform"  # "uniform" or "nonuniform" (codebook, zsq.quant.nonuniform)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -104,6 +106,7 @@ def resolve_layer_plans(gm: fx.GraphModule, config: QuantConfig) -> list[LayerPl
     plans = []
     for (node, mod), name in zip(nodes, names):
         w, a, g = config.wbits, config.abits, config.weight_granularity
+        wkind = config.weight_quantizer
         floated = any(matches(p, name, names) for p in config.skip)
         for pattern, ov in config.overrides.items():
             if not matches(pattern, name, names):
@@ -115,10 +118,11 @@ def resolve_layer_plans(gm: fx.GraphModule, config: QuantConfig) -> list[LayerPl
             w = ov.wbits if ov.wbits is not None else w
             a = ov.abits if ov.abits is not None else a
             g = ov.weight_granularity if ov.weight_granularity is not None else g
+            wkind = ov.weight_quantizer if ov.weight_quantizer is not None else wkind
         kind = type(mod).__name__.replace("Quant", "")
         out_ch = mod.weight.shape[0]
         plans.append(LayerPlan(name, kind, None if floated else w, None if floated else a, g,
-                               mod.weight.numel(), out_ch))
+                               mod.weight.numel(), out_ch, wkind))
     return plans
 
 
@@ -148,11 +152,19 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
         plan = plan_by_name[str(node.target)]
         if plan.wbits is None:
             continue
-        wq = WeightQuantizer(
-            bits=plan.wbits, symmetric=config.weight_symmetric,
-            per_channel=plan.weight_granularity == "per_channel", channels=plan.out_channels,
-            estimator=config.weight_estimator,
-        )
+        wq: WeightQuantizer | NonUniformWeightQuantizer
+        if plan.weight_quantizer == "nonuniform":
+            wq = NonUniformWeightQuantizer(
+                bits=plan.wbits, symmetric=config.weight_symmetric,
+                per_channel=plan.weight_granularity == "per_channel", channels=plan.out_channels,
+                estimator=config.weight_estimator,
+            )
+        else:
+            wq = WeightQuantizer(
+                bits=plan.wbits, symmetric=config.weight_symmetric,
+                per_channel=plan.weight_granularity == "per_channel", channels=plan.out_channels,
+                estimator=config.weight_estimator,
+            )
         float_mod = mod
         if isinstance(mod, QUANT_LAYER_TYPES):
             raise ConfigError(f"layer {plan.name!r} is already quantized; quantize the float model instead")
