@@ -179,3 +179,13 @@ def test_override_spec_nonuniform():
     assert parse_override("re:.*conv.*=w4,nu") == ("re:.*conv.*", {"wbits": 4, "weight_quantizer": "nonuniform"})
     assert parse_override("fc=w8,pt,uni")[1] == {"wbits": 8, "weight_granularity": "per_tensor",
                                                   "weight_quantizer": "uniform"}
+
+
+@pytest.mark.parametrize("model", ["tiny_cnn", "tiny_cnn_nobn"])
+def test_retro_calibration(tmp_path, capsys, model):
+    out = tmp_path / "retro"
+    rc, _, err = cli(capsys, "quantize", model, "--calib", "retro", "--out", out, *FAST)
+    assert rc == 0, err
+    c = report(out)["calibration"]
+    assert c["source"] == "retro"
+    assert (out / "retro_images.png").is_file()

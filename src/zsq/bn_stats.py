@@ -43,7 +43,7 @@ def require_batchnorm(model: nn.Module, *, what: str) -> list[BNTarget]:
     if not targets:
         raise NoBatchNormError(
             f"{what} needs BatchNorm running statistics, but {type(model).__name__} has no BatchNorm layer "
-            "(or its BN was already folded); use --calib gaussian or --calib PATH (real data) instead"
+            "(or its BN was already folded); use --calib retro (class-conditional synthesis without BN), --calib gaussian or --calib PATH (real data) instead"
         )
     return targets
 

@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-layer setting, e.g. '@first=w8a8', '@last=w8', 're:.*depthwise.*=w8', 'conv1=float' (repeatable)")
     p.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="keep matching layers in float (repeatable; must match)")
     p.add_argument("--calib", default="distilled", metavar="SOURCE",
-                   help="calibration data: distilled (default), gaussian, a PATH to real images / saved tensors, "
+                   help="calibration data: distilled (default), retro (Retro-Synthesis: class-conditional, works "
+                        "without BN; uses the --distill-* settings), gaussian, a PATH to real images / saved tensors, "
                         "proxy:A,B,... (ZeroP: the candidate closest to the BN statistics; see `zsq proxy rank`) or "
                         "proxy+distilled:A,B,... (half proxy, half distilled)")
     p.add_argument("--calib-size", type=_pos_int, default=None, help="images for gaussian/real calibration")
@@ -246,8 +247,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .proxy import split_calib
 
     calib = args.calib
-    if calib not in ("distilled", "gaussian") and split_calib(calib) is None and not Path(calib).exists():
-        raise ConfigError(f"--calib {calib!r}: expected 'distilled', 'gaussian', 'proxy:A,B,...', "
+    if calib not in ("distilled", "retro", "gaussian") and split_calib(calib) is None and not Path(calib).exists():
+        raise ConfigError(f"--calib {calib!r}: expected 'distilled', 'retro', 'gaussian', 'proxy:A,B,...', "
                           "'proxy+distilled:A,B,...' or an existing path to real images")
     if args.export and args.weight_quantizer == "nonuniform":
         raise ConfigError("--export onnx cannot express non-uniform (codebook) weights in QDQ; use "

@@ -23,7 +23,7 @@ from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-CALIB_SOURCES = ("distilled", "gaussian")
+CALIB_SOURCES = ("distilled", "gaussian", "retro")
 
 
 @dataclass(frozen=True)
@@ -109,13 +109,20 @@ def calibration_inputs(model: nn.Module, spec: Any, cfg: RunConfig, *, progress:
         res = distill(model, spec.preprocessing, dataclasses.replace(cfg.distill, seed=cfg.seed),
                       device=cfg.device, progress=progress)
         return res.inputs, {"source": "distilled", **res.to_dict()}
+    if cfg.calib == "retro":  # Retro-Synthesis: class-conditional, also for models without BN
+        from .distill import RetroConfig, retro_synthesize
+
+        rcfg = RetroConfig.from_distill(dataclasses.replace(cfg.distill, seed=cfg.seed),
+                                        num_images=cfg.calib_size or n_default)
+        rres = retro_synthesize(model, spec.preprocessing, rcfg, device=cfg.device, progress=progress)
+        return rres.inputs, {"source": "retro", **rres.to_dict()}
     if cfg.calib == "gaussian":
         n = cfg.calib_size or n_default
         return gaussian_inputs(n, spec.preprocessing, seed=cfg.seed), {"source": "gaussian", "num_inputs": n}
     path = Path(cfg.calib)
     if not path.exists():
         raise ConfigError(
-            f"--calib {cfg.calib!r} is neither 'distilled', 'gaussian', 'proxy:A,B,...', 'proxy+distilled:A,B,...' "
+            f"--calib {cfg.calib!r} is neither 'distilled', 'retro', 'gaussian', 'proxy:A,B,...', 'proxy+distilled:A,B,...' "
             "nor an existing path to real images"
         )
     from .data import unlabeled_images
