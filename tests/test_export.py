@@ -35,6 +35,7 @@ from zsq.export import (  # noqa: E402
     export_onnx,
     export_pair,
     layer_parity,
+    ort_op_counts,
     run_onnx,
     snap_biases,
 )
@@ -91,29 +92,43 @@ def test_export_writes_qdq_graph_with_zsqs_own_scales(tiny_w8a8, tiny_export):
             assert inits[f"{name}.scale"] == np.float32(float(q.scale)), name
             assert inits[f"{name}.zero_point"].dtype == np.uint8  # asymmetric uint8 activations
             assert int(inits[f"{name}.zero_point"]) == int(q.zero_point), name
+    lowering = {l.name: l.lowering for l in report.layers}
     for name, m in qmodel.named_modules():
         if isinstance(m, QUANT_LAYER_TYPES):
             wq = m.weight_quantizer
             stored = inits[f"{name}.weight_q"].astype(np.int32)
-            if stored.ndim == 4 or stored.ndim == 2:
-                zp = inits[f"{name}.weight_zero_point"].astype(np.int32)
-                expect = wq.integer(m.weight.detach()).numpy()
+            zp = inits[f"{name}.weight_zero_point"].astype(np.int32)
+            expect = wq.integer(m.weight.detach()).numpy()
+            if lowering[name] == "matmul_integer":  # (C_in, C_out) matrix of a 1x1 conv, one zero-point
+                assert np.array_equal(stored - zp, expect.reshape(expect.shape[0], -1).T), name
+            else:
                 assert np.array_equal(stored - zp.reshape(-1, *[1] * (stored.ndim - 1)), expect), name
             if f"{name}.weight_scale" in inits:
                 np.testing.assert_array_equal(inits[f"{name}.weight_scale"], wq.scale.numpy())  # per channel, axis 0
-            else:  # ConvInteger: one output scale per channel, input scale x weight scale
+            else:  # ConvInteger / MatMulInteger: one output scale per channel, input scale x weight scale
                 assert inits[f"{name}.out_scale"].reshape(-1).shape == wq.scale.shape
+
+
+def test_every_node_of_the_exported_graph_is_used(tiny_export):
+    """No dead nodes: ONNX Runtime keeps and runs them (with a Transpose each, out of its NHWC layout)."""
+    path, _ = tiny_export
+    g = onnx.load(str(path)).graph
+    consumed = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    assert all(any(o in consumed for o in n.output) for n in g.node)
+    assert {t.name for t in g.initializer} <= consumed
 
 
 def test_ort_runs_every_conv_as_an_int8_kernel(tiny_export):
     _, report = tiny_export
     assert report.float_convs == 0, report.ort_ops
-    assert report.int8_convs == 4  # 3 QLinearConv + the head conv (feeds the pool) as ConvInteger
-    assert report.ort_ops.get("QLinearConv") == 3 and report.ort_ops.get("ConvInteger") == 1
-    assert report.int8_gemms == 1 and report.float_gemms == 0
-    assert report.ort_ops.get("QLinearAdd") == 1
+    assert report.int8_convs == 4  # 3 QLinearConv + the 1x1 head conv (feeds the pool) as MatMulInteger
+    assert report.ort_ops.get("QLinearConv") == 3 and report.ort_ops.get("MatMulInteger") == 1
+    assert report.int8_gemms == 1 and report.float_gemms == 0  # the Linear: QGemm
+    # the residual sum, and its requantization to the ReLU's grid (+0 on integer codes)
+    assert report.ort_ops.get("QLinearAdd") == 2
+    assert "DequantizeLinear" not in report.ort_ops  # no float islands between the integer kernels
     lowerings = {l.name: l.lowering for l in report.layers}
-    assert lowerings == {"conv1": "qdq", "conv2": "qdq", "conv3": "qdq", "conv4": "conv_integer", "fc": "qdq"}
+    assert lowerings == {"conv1": "qdq", "conv2": "qdq", "conv3": "qdq", "conv4": "matmul_integer", "fc": "qdq"}
 
 
 def test_report_round_trips_to_json(tiny_export):
@@ -218,8 +233,10 @@ def test_weight_containers(tmp_path):
     assert {l.name: l.container for l in auto.layers} == {
         "conv1": "uint8", "conv2": "uint8", "conv3": "int8", "conv4": "uint8", "fc": "uint8"}
     signed = export_onnx(qmodel, tmp_path / "s.onnx", example_input=torch.zeros(1, 3, 16, 16), weight_type="int8")
-    assert {l.name: l.container for l in signed.layers} == {  # ConvInteger: uint8 (its int8 path is slow)
-        "conv1": "int8", "conv2": "int8", "conv3": "int8", "conv4": "uint8", "fc": "int8"}
+    assert {l.name: l.container for l in signed.layers} == {
+        "conv1": "int8", "conv2": "int8", "conv3": "int8", "conv4": "int8", "fc": "int8"}
+    w7 = export_onnx(quantized(wbits=7)[1], tmp_path / "w7.onnx", example_input=torch.zeros(1, 3, 16, 16))
+    assert {l.container for l in w7.layers} == {"int8"} and w7.u8u8_layers == []  # 7 bits: u8s8 is exact
     with pytest.raises(ExportError, match="weight_type"):
         export_onnx(qmodel, tmp_path / "x.onnx", example_input=torch.zeros(1, 3, 16, 16), weight_type="int4")
 
@@ -294,11 +311,49 @@ def test_fp32_export_matches_pytorch(tmp_path):
 
 
 def test_export_pair_writes_both_models(tiny_w8a8, tmp_path):
-    model, qmodel, _ = tiny_w8a8
-    out = export_pair(model, qmodel, tmp_path / "run", example_input=torch.zeros(1, 3, 16, 16))
+    model, qmodel, spec = tiny_w8a8
+    x = zsq.gaussian_inputs(8, spec.preprocessing, seed=11)
+    out = export_pair(model, qmodel, tmp_path / "run", example_input=x[:1], weight_type="uint8", check_inputs=x)
     assert (tmp_path / "run" / "model.int8.onnx").is_file() and (tmp_path / "run" / "model.fp32.onnx").is_file()
-    assert out["int8"]["ort"]["float_convs"] == 0 and out["fp32"]["ort"]["int8_convs"] == 0
+    assert out["files"]["int8"].endswith("model.int8.onnx")
+    assert out["int8"]["ort"]["float_convs"] == 0 and out["int8"]["ort"]["int8_convs"] == 4
+    assert out["fp32"]["ort"]["int8_convs"] == 0 and out["fp32"]["ort"]["float_convs"] == 4
     assert out["fp32"]["file_bytes"] > 2.5 * out["int8"]["weight_bytes_stored"]
+    # weight_type reaches the exporter (uint8: exact everywhere; int8 would saturate on CPUs without VNNI)
+    assert {l["container"] for l in out["int8"]["layers"]} == {"uint8"}
+    assert out["parity"]["n"] == 8 and out["parity"]["max_abs_diff"] <= out["parity"]["logit_step"]
+    assert set(out["cpu"]) >= {"avx2", "avx512_vnni", "avx_vnni", "vnni"}
+    json.dumps(out)  # goes into report.json
+    quiet = export_pair(model, qmodel, tmp_path / "q", example_input=x[:1], verify=False)
+    assert quiet["int8"]["ort"] is None and quiet["parity"] is None
+
+
+def test_cpu_features_and_speed_advice(tmp_path):
+    from zsq.export import cpu_features, speed_advice
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("model name\t: Some CPU\nflags\t\t: fpu sse2 avx2 fma\n")
+    cpu = cpu_features(info)
+    assert cpu == {"cpu": "Some CPU", "avx2": True, "avx512_vnni": False, "avx_vnni": False, "vnni": False}
+    advice = speed_advice(3, cpu)
+    assert "no VNNI" in advice and "--wbits 7" in advice and "3 layer(s)" in advice
+    info.write_text("model name\t: New CPU\nflags\t\t: avx2 avx512f avx512_vnni\n")
+    vnni = cpu_features(info)
+    assert vnni["vnni"] and "int8`) is exact" in speed_advice(1, vnni)
+    assert speed_advice(0, cpu) is None  # nothing stored as uint8: nothing to advise
+    assert cpu_features(tmp_path / "missing")["vnni"] is None and speed_advice(3, cpu_features(tmp_path / "x")) is None
+
+
+def test_bench_cpu_time_and_advice_for(tiny_w8a8, tiny_export, tmp_path):
+    from zsq.export.bench import advice_for, bench_cpu_time, u8u8_layers
+
+    path, report = tiny_export
+    t = bench_cpu_time({"a": path, "b": path}, batch=2, reps=3, warmup=0)
+    assert set(t) == {"a", "b"} and all(len(v.times_ms) == 3 and v.min_ms >= 0 for v in t.values())
+    assert u8u8_layers(path) == len(report.u8u8_layers) == 4  # conv1, conv2, conv4, fc (8-bit, auto)
+    no_vnni = {"cpu": "X", "vnni": False}
+    assert advice_for({"int8": path}, no_vnni)[0].startswith("int8: X has no VNNI")
+    assert advice_for({"int8": path}, {"cpu": "X", "vnni": None}) == []
 
 
 def test_cifar_resnet_shortcut_exports(tmp_path):
@@ -306,10 +361,59 @@ def test_cifar_resnet_shortcut_exports(tmp_path):
     _, qmodel, spec = quantized("cifar_resnet20", n=8)
     report = export_onnx(qmodel, tmp_path / "r20.onnx", example_input=torch.zeros(1, 3, 32, 32))
     assert report.int8_convs == 19 and report.float_convs == 0
-    assert report.ort_ops.get("QLinearAdd") == 9 and report.ops.get("Slice") == 2
+    assert report.ops.get("Slice") == 2
+    ort_all = ort_op_counts(report.path, level="all")
+    # As in ONNX Runtime's own quantize_static graph: integer kernels end to end. 9 residual sums plus 10
+    # requantizations (+0 on codes: sum -> ReLU, shortcut), the shortcut's Slice/Pad on uint8 codes, the
+    # average pool fused with its quantizer, only the input quantized in float, no DequantizeLinear.
+    assert ort_all.get("QLinearAdd") == 19 and ort_all.get("QLinearGlobalAveragePool") == 1
+    assert ort_all.get("QuantizeLinear") == 1 and "DequantizeLinear" not in ort_all, ort_all
+    assert ort_all.get("Transpose", 0) <= 2 and ort_all.get("QGemm") == 1, ort_all
     x = zsq.gaussian_inputs(16, spec.preprocessing, seed=9)
     res = compare_onnx(qmodel, report.path, x)
     assert res["max_abs_diff"] <= res["logit_step"], res
+    assert layer_parity(qmodel, report.path, x)["max_steps"] <= 1
+
+
+class Movers(nn.Module):
+    """Max pool, zero padding into a residual add, average pool and view: ops that move values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=2)
+        self.pool2 = nn.AvgPool2d(2)
+        self.fc = nn.Linear(8 * 5 * 5, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.conv2(self.pool1(torch.relu(self.conv1(x)))))
+        z = torch.relu(self.conv3(y) + nn.functional.pad(y, (1, 1, 1, 1)))
+        z = self.pool2(z)
+        return self.fc(z.view(z.size(0), -1))
+
+
+def test_data_movement_runs_on_integer_codes(tmp_path):
+    torch.manual_seed(0)
+    qmodel = zsq.quantize(Movers().eval(), QuantConfig())
+    zsq.calibrate(qmodel, torch.randn(16, 3, 16, 16), progress=False)
+    snap_biases(qmodel)
+    report = export_onnx(qmodel, tmp_path / "m.onnx", example_input=torch.zeros(1, 3, 16, 16))
+    # conv1 -> ReLU -> MaxPool -> quantizer: the quantizer moves in front of the pool (it commutes with
+    # max), so conv1 becomes a QLinearConv and the pool moves uint8 codes; the zero Pad pads codes with
+    # the zero-point; the average pool is fused with the quantizer behind the view (QLinearAveragePool).
+    assert {l.name: l.lowering for l in report.layers} == {"conv1": "qdq", "conv2": "qdq", "conv3": "qdq", "fc": "qdq"}
+    ops = ort_op_counts(report.path, level="all")
+    assert ops.get("QLinearConv") == 3 and ops.get("QLinearAveragePool") == 1 and ops.get("QGemm") == 1, ops
+    assert ops.get("QuantizeLinear") == 1 and "DequantizeLinear" not in ops, ops
+    g = onnx.load(report.path).graph
+    producer = {o: n.op_type for n in g.node for o in n.output}
+    for n in g.node:
+        if n.op_type in ("MaxPool", "Pad", "Reshape"):
+            assert producer.get(n.input[0]) != "DequantizeLinear", n.name  # moves codes, not floats
+    x = torch.randn(48, 3, 16, 16)
+    _assert_parity(qmodel, report.path, x)
     assert layer_parity(qmodel, report.path, x)["max_steps"] <= 1
 
 
@@ -408,7 +512,7 @@ def test_efficientnet_lite0_every_conv_int8_and_parity(tmp_path):
     snap_biases(qmodel)
     report = export_onnx(qmodel, tmp_path / "lite0.onnx", example_input=torch.zeros(1, 3, 224, 224))
     assert report.float_convs == 0 and report.int8_convs == 49, report.ort_ops
-    assert report.ort_ops.get("ConvInteger") == 1  # the head conv, whose output feeds the average pool
+    assert report.ort_ops.get("MatMulInteger") == 1  # the 1x1 head conv, whose output feeds the average pool
     assert not any(op in report.ops for op in ("Pad",))  # TF-SAME padding merged into the conv pads
     try:
         images = require_shared("data", "imagenet-sample-500")
@@ -464,6 +568,10 @@ def test_cli_export_and_bench_deploy(cli, checkpoint, tmp_path):
                                "--batch", "1,4", "--threads", "1", "-q", "--json", str(tmp_path / "b.json"))
     assert code == 0, stderr
     assert "| fp32 | 1 |" in stdout and "| int8 | 4 |" in stdout
+    from zsq.export import cpu_features
+
+    if cpu_features()["vnni"] is not None:  # known CPU: says which weights run fast and exact here
+        assert "speed on this CPU: int8: " in stdout
     timings = json.loads((tmp_path / "b.json").read_text())["timings"]
     assert len(timings) == 4 and all(t["reps"] == 2 for t in timings)
 

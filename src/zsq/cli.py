@@ -293,6 +293,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if ort:
             print(f"ONNX export: {ort['int8_convs']} int8 / {ort['float_convs']} float convs after ONNX Runtime's "
                   f"optimisations; {ex['file_bytes'] / 1e6:.2f} MB (true low-bit {ex['lowbit_file_bytes'] / 1e6:.2f} MB)")
+        if r["export"].get("advice"):
+            print(f"speed on this CPU: {r['export']['advice']}")
     print(f"wrote {out}/ ({files})")
     return 0
 

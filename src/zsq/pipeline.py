@@ -204,6 +204,10 @@ def run(cfg: RunConfig, *, out_dir: str | Path | None = None, progress: bool = T
     log.info("%s", fold_report)
     qmodel.to(device)
     calibrate(qmodel, calib_x, device=device, progress=progress)
+    if cfg.export == "onnx":  # biases on the int32 grid the integer kernels use: the saved, evaluated and
+        from .export import snap_biases  # exported models then add the same biases
+
+        snap_biases(qmodel)
     timings["calibrate"] = time.perf_counter() - t + t_prepare
     qreport = qmodel.zsq_report  # type: ignore[attr-defined]
     log.info("%s", qreport)
@@ -258,8 +262,8 @@ def run(cfg: RunConfig, *, out_dir: str | Path | None = None, progress: bool = T
             from .export import export_pair
 
             t = time.perf_counter()
-            report["export"] = export_pair(model, qmodel, out, example_input=calib_x[:1].cpu(),
-                                           weight_type=cfg.export_weight_type)
+            report["export"] = export_pair(model.cpu(), qmodel.cpu(), out, example_input=calib_x[:1].cpu(),
+                                           weight_type=cfg.export_weight_type, check_inputs=calib_x.cpu())
             timings["export"] = time.perf_counter() - t
             report["timings_s"]["export"] = round(timings["export"], 3)
         (out / "report.json").write_text(json.dumps(report, indent=2))

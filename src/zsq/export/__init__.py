@@ -11,6 +11,9 @@ from .onnx_qdq import (
     LayerExport,
     bias_safe_weight_scale,
     compare_onnx,
+    conv_kernel_counts,
+    conv_matmul_count,
+    cpu_features,
     export_checkpoint,
     export_fp32_onnx,
     export_onnx,
@@ -21,6 +24,7 @@ from .onnx_qdq import (
     ort_op_counts,
     run_onnx,
     snap_biases,
+    speed_advice,
 )
 
 __all__ = [
@@ -29,6 +33,9 @@ __all__ = [
     "LayerExport",
     "bias_safe_weight_scale",
     "compare_onnx",
+    "conv_kernel_counts",
+    "conv_matmul_count",
+    "cpu_features",
     "export_checkpoint",
     "export_fp32_onnx",
     "export_onnx",
@@ -39,4 +46,5 @@ __all__ = [
     "ort_op_counts",
     "run_onnx",
     "snap_biases",
+    "speed_advice",
 ]

@@ -18,7 +18,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import ConfigError, ExportError
-from .onnx_qdq import INT8_CONV_OPS, FLOAT_CONV_OPS, load_session, ort_op_counts, session_options
+from .onnx_qdq import (conv_kernel_counts, conv_matmul_count, cpu_features, load_session, ort_op_counts,
+                       session_options, speed_advice)
 
 DEFAULT_REPS = 20
 DEFAULT_WARMUP = 3
@@ -61,6 +62,11 @@ class BenchResult:
     ort_ops: dict[str, dict[str, int]]
     baseline: str
     environment: dict[str, Any] = field(default_factory=dict)
+    conv_matmuls: dict[str, int] = field(default_factory=dict)  # label -> convs written as MatMulInteger
+
+    def conv_kernels(self, model: str) -> tuple[int, int]:
+        """(integer, float) convolution kernels of ``model`` after ONNX Runtime's optimisations."""
+        return conv_kernel_counts(self.ort_ops.get(model, {}), self.conv_matmuls.get(model, 0))
 
     def speedup(self, model: str, batch: int, stat: str = "median") -> float:
         base = self.timings[(self.baseline, batch)]
@@ -75,6 +81,7 @@ class BenchResult:
             "baseline": self.baseline,
             "file_bytes": dict(self.file_bytes),
             "ort_ops": {k: dict(v) for k, v in self.ort_ops.items()},
+            "conv_kernels": {k: dict(zip(("int8", "float"), self.conv_kernels(k))) for k in self.models},
             "timings": [dict(t.to_dict(), speedup_min=round(self.speedup(t.model, t.batch, "min"), 3),
                              speedup_median=round(self.speedup(t.model, t.batch, "median"), 3))
                         for t in self.timings.values()],
@@ -87,13 +94,34 @@ class BenchResult:
                 f"{self.baseline} (min / median) | file MB | int8 / float convs |",
                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for (label, batch), t in self.timings.items():
-            ops = self.ort_ops.get(label, {})
-            i8 = sum(ops.get(o, 0) for o in INT8_CONV_OPS)
-            fl = sum(ops.get(o, 0) for o in FLOAT_CONV_OPS)
+            i8, fl = self.conv_kernels(label)
             rows.append(f"| {label} | {batch} | {t.min_ms:.2f} | {t.median_ms:.2f} | {t.images_per_s:.0f} | "
                         f"{self.speedup(label, batch, 'min'):.2f}x / {self.speedup(label, batch, 'median'):.2f}x | "
                         f"{self.file_bytes[label] / 1e6:.2f} | {i8} / {fl} |")
         return "\n".join(rows)
+
+
+def u8u8_layers(path: str | os.PathLike[str]) -> int:
+    """Integer layers of a zsq export whose weights are stored as uint8 (ONNX Runtime's u8u8 kernels),
+    from the file's metadata; 0 for files zsq did not write."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in m.metadata_props}
+    containers = json.loads(props.get("zsq.weight_containers", "{}"))
+    lowering = json.loads(props.get("zsq.lowering", "{}"))
+    return sum(1 for k, v in containers.items() if v == "uint8" and lowering.get(k) != "float")
+
+
+def advice_for(models: Mapping[str, str | os.PathLike[str]], cpu: Mapping[str, Any] | None = None) -> list[str]:
+    """:func:`speed_advice` for each zsq export among ``models`` (label -> path) on this CPU."""
+    cpu = dict(cpu) if cpu is not None else cpu_features()
+    out = []
+    for label, path in models.items():
+        text = speed_advice(u8u8_layers(path), cpu)
+        if text:
+            out.append(f"{label}: {text}")
+    return out
 
 
 def _input_spec(sess: Any) -> tuple[str, list[int]]:
@@ -117,19 +145,7 @@ def environment() -> dict[str, Any]:
         env["load_avg_1_5_15"] = [round(v, 2) for v in os.getloadavg()]
     except OSError:  # pragma: no cover
         pass
-    try:
-        with open("/proc/cpuinfo") as fh:
-            info = fh.read()
-        for line in info.splitlines():
-            if line.startswith("model name"):
-                env["cpu"] = line.split(":", 1)[1].strip()
-                break
-        flags = next((l for l in info.splitlines() if l.startswith("flags")), "")
-        env["avx2"] = " avx2" in flags
-        env["avx512_vnni"] = "avx512_vnni" in flags
-        env["avx_vnni"] = " avx_vnni" in flags
-    except OSError:  # pragma: no cover
-        pass
+    env.update(cpu_features())
     return env
 
 
@@ -188,7 +204,42 @@ def bench(
     ops = {k: ort_op_counts(p, level="all") for k, p in models.items()}
     env = environment()
     env.update({"threads": threads, "warmup": warmup})
-    return BenchResult({k: str(p) for k, p in models.items()}, threads, reps, timings, sizes, ops, baseline, env)
+    return BenchResult({k: str(p) for k, p in models.items()}, threads, reps, timings, sizes, ops, baseline, env,
+                       {k: conv_matmul_count(p) for k, p in models.items()})
+
+
+def bench_cpu_time(
+    models: Mapping[str, str | os.PathLike[str]],
+    *,
+    batch: int = 32,
+    reps: int = DEFAULT_REPS,
+    warmup: int = DEFAULT_WARMUP,
+    seed: int = 0,
+) -> dict[str, Timing]:
+    """CPU time (``time.process_time``) of one run of each model, single-threaded, interleaved.
+
+    On a machine shared with other jobs, wall-clock time measures the queue as much as the work; the
+    CPU time a single-threaded session spends is far less sensitive to load (with more threads,
+    ONNX Runtime's spinning workers would count too). Returns label -> :class:`Timing` (ms).
+    """
+    if not models or reps < 1 or warmup < 0 or batch < 1:
+        raise ConfigError(f"bench_cpu_time needs models, reps >= 1, warmup >= 0, batch >= 1 "
+                          f"(got {len(models)}, {reps}, {warmup}, {batch})")
+    labels = list(models)
+    sessions = {k: load_session(p, threads=1, level="all") for k, p in models.items()}
+    specs = {k: _input_spec(s) for k, s in sessions.items()}
+    shape = specs[labels[0]][1][1:]
+    x = np.random.default_rng(seed).standard_normal((batch, *shape)).astype(np.float32)
+    out = {k: Timing(k, batch) for k in labels}
+    for k in labels:
+        for _ in range(warmup):
+            sessions[k].run(None, {specs[k][0]: x})
+    for r in range(reps):
+        for k in labels[r % len(labels):] + labels[: r % len(labels)]:
+            t0 = time.process_time()
+            sessions[k].run(None, {specs[k][0]: x})
+            out[k].times_ms.append(1000.0 * (time.process_time() - t0))
+    return out
 
 
 def _conv_kinds(path: str | os.PathLike[str]) -> dict[str, str]:

@@ -63,8 +63,9 @@ def add_commands(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]
     p.add_argument("--opset", type=_opset, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--weight-type", choices=WEIGHT_TYPES, default="auto",
                    help="container of signed weights: auto (default; int8 where ONNX Runtime's u8s8 kernels are "
-                        "exact on every CPU, uint8 elsewhere), int8 (fastest on VNNI CPUs, may saturate on "
-                        "AVX2-only ones), uint8")
+                        "exact on every CPU, i.e. depthwise convs and weights of at most 7 bits, uint8 elsewhere), "
+                        "int8 (fastest; exact on VNNI CPUs, saturates on AVX2-only ones), uint8. On CPUs without "
+                        "VNNI, 7-bit weights (`zsq quantize --wbits 7`) are the exact and fast choice")
     p.add_argument("--no-check", action="store_true", help="skip loading the file with ONNX Runtime")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the export report as JSON")
     add_common(p)
@@ -107,6 +108,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"wrote {rf.summary()}")
     if rq.float_convs:
         print(f"warning: ONNX Runtime runs {rq.float_convs} convolution(s) in float; see the notes above")
+    if rq.advice:
+        print(f"speed on this CPU: {rq.advice}")
     if args.json:
         Path(args.json).write_text(json.dumps({"int8": rq.to_dict(), "fp32": rf.to_dict() if rf else None}, indent=2))
     return 0
@@ -125,7 +128,7 @@ def _parse_compare(items: list[str]) -> dict[str, str]:
 
 
 def cmd_bench_deploy(args: argparse.Namespace) -> int:
-    from .bench import bench
+    from .bench import advice_for, bench
 
     models: dict[str, str] = {}
     if args.fp32:
@@ -143,10 +146,12 @@ def cmd_bench_deploy(args: argparse.Namespace) -> int:
     res = bench(models, batches=args.batch, reps=args.reps, warmup=args.warmup, threads=args.threads,
                 progress=not args.quiet)
     env = res.environment
-    print(f"ONNX Runtime {env.get('onnxruntime')} on {env.get('cpu', '?')} "
-          f"(AVX2 {env.get('avx2')}, AVX-512 VNNI {env.get('avx512_vnni')}), {args.threads} threads, "
-          f"{args.reps} interleaved repetitions, load average {env.get('load_avg_1_5_15')}")
+    print(f"ONNX Runtime {env.get('onnxruntime')} on {env.get('cpu') or '?'} "
+          f"(AVX2 {env.get('avx2')}, AVX-512 VNNI {env.get('avx512_vnni')}, AVX-VNNI {env.get('avx_vnni')}), "
+          f"{args.threads} threads, {args.reps} interleaved repetitions, load average {env.get('load_avg_1_5_15')}")
     print(res.table())
+    for line in advice_for(models, env):
+        print(f"speed on this CPU: {line}")
     if args.json:
         Path(args.json).write_text(json.dumps(res.to_dict(), indent=2))
     return 0

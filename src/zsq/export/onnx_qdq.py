@@ -15,21 +15,34 @@ every scale and zero-point in it is exactly the one zsq calibrated:
   option-A shortcut, BatchNorm left unfolded) maps to the matching float ONNX operator.
 
 Rewrites keep the graph equal to zsq's fake-quantized model while letting ONNX Runtime fuse every
-convolution into an integer kernel (each is exact, see the code that decides it):
+convolution into an integer kernel and keep the data between them in uint8, as in the graphs its own
+``quantize_static`` makes (each is exact, see the code that decides it):
 
 1. a zero padding (``SamePad2d``, ``F.pad``) in front of an activation quantizer that feeds only
    convolutions is merged into those convolutions' ``pads`` (zero is exactly representable, so
    quantization and zero padding commute, and QLinearConv pads with the input zero-point);
 2. a ReLU/ReLU6/clamp whose only consumers are activation quantizers that saturate at (or inside)
-   its bounds is dropped, so that ``Conv -> QuantizeLinear`` is adjacent (ORT: QLinearConv); a ReLU
-   applied to an already quantized tensor becomes an integer ``Clip`` at the zero-point;
-3. a quantized tensor quantized again (``Q1 -> DQ1 -> Q2``, e.g. a residual sum and the ReLU after
-   it) gets an integer ``Clip`` between ``Q1`` and ``DQ1``: otherwise ONNX Runtime's
-   DoubleQDQPairsRemover replaces both quantizers by one with a new scale, which zsq does not compute;
-4. a quantized convolution whose output is *not* requantized (e.g. EfficientNet's head conv, which
-   feeds the global average pool) cannot become QLinearConv; it is written as
-   ``ConvInteger -> Cast -> Mul(input_scale * weight_scale) -> Add(bias)``, the exact integer
-   computation of zsq's fake-quantized float convolution.
+   its bounds is dropped, so that ``Conv -> QuantizeLinear`` is adjacent (ORT: QLinearConv); any other
+   ReLU applied to an already quantized tensor becomes an integer ``Clip`` at the zero-point;
+3. data movement on a quantized tensor (Flatten, Reshape, MaxPool, the option-A shortcut's Slice
+   and zero Pad) is applied to its integer codes, dequantized after (a zero pads with the zero-point);
+   a max pool that feeds only an activation quantizer gets that quantizer in front of it instead
+   (quantization is non-decreasing, so it commutes with max), which makes the conv before it a
+   QLinearConv;
+4. a quantized tensor quantized again on another grid (``Q1 -> DQ1 -> Q2``, e.g. a residual sum and
+   the ReLU after it) gets ``+ 0`` in between (``DQ1 -> Add(DQ1(zero-point)) -> Q2``), which ONNX
+   Runtime runs as one vectorised QLinearAdd pass over uint8 codes; a bare ``Q1 -> DQ1 -> Q2 -> DQ2``
+   would let its DoubleQDQPairsRemover merge both quantizers into one with a new scale;
+5. a tensor quantized again on the *same* grid is not quantized again (no ``DQ -> Q`` pair);
+6. an average pool whose result, through Flatten/Reshape only, feeds an activation quantizer is
+   quantized right after the pool (``DQ -> GlobalAveragePool -> Q``: QLinearGlobalAveragePool), and
+   the Flatten moves codes;
+7. a quantized convolution whose output is *not* requantized (e.g. EfficientNet's head conv, which
+   feeds the global average pool) cannot become QLinearConv: a 1x1 one is written as
+   ``Transpose(NHWC) -> MatMulInteger -> Cast -> Mul(input_scale * weight_scale) -> Add(bias) ->
+   Transpose(NCHW)``, others as ``ConvInteger -> Cast -> Mul -> Add``: the exact integer computation
+   of zsq's fake-quantized float convolution;
+8. nodes whose results nothing uses are dropped (ONNX Runtime would run them).
 
 Activations below 8 bits: ``QuantizeLinear`` saturates at the container range (0..255), while zsq's
 quantizer clamps at ``0..2^b - 1``; the exporter inserts an integer ``Clip`` between
@@ -41,6 +54,7 @@ given the same inputs).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import operator
@@ -112,7 +126,7 @@ class LayerExport:
     name: str
     kind: str  # Conv2d / Conv1d / Linear
     wbits: int | None  # None: float weights
-    lowering: str  # "qdq" (ORT fuses to QLinearConv/QGemm), "conv_integer", "float"
+    lowering: str  # "qdq" (ORT fuses to QLinearConv/QGemm), "conv_integer", "matmul_integer", "float"
     params: int
     container: str = "float32"  # ONNX dtype of the stored weight: int8, uint8 (zero-point 128) or float32
 
@@ -136,6 +150,12 @@ class ExportReport:
     ort_ops: dict[str, int] | None = None  # operator types after ONNX Runtime's optimisations
     ort_level: str | None = None
     notes: list[str] = field(default_factory=list)
+    advice: str | None = None  # what runs fast on *this* CPU (see speed_advice); the file is portable
+
+    @property
+    def u8u8_layers(self) -> list[str]:
+        """Integer layers whose weights are stored as uint8 (ONNX Runtime's u8u8 kernels)."""
+        return [l.name for l in self.layers if l.container == "uint8" and l.lowering != "float"]
 
     @property
     def lowbit_file_bytes(self) -> int:
@@ -148,8 +168,17 @@ class ExportReport:
         return sum(self.ort_ops.get(n, 0) for n in names)
 
     @property
+    def conv_matmuls(self) -> int:
+        """Convolutions written as an integer matrix product (1x1 convs whose output stays float)."""
+        return sum(1 for l in self.layers if l.lowering == "matmul_integer")
+
+    @property
     def int8_convs(self) -> int | None:
-        return self._count(INT8_CONV_OPS)
+        """Convolutions ONNX Runtime runs with an integer kernel (QLinearConv, ConvInteger, or the
+        MatMulInteger of a pointwise conv)."""
+        if self.ort_ops is None:
+            return None
+        return conv_kernel_counts(self.ort_ops, self.conv_matmuls)[0]
 
     @property
     def float_convs(self) -> int | None:
@@ -157,7 +186,10 @@ class ExportReport:
 
     @property
     def int8_gemms(self) -> int | None:
-        return self._count(INT8_GEMM_OPS)
+        """Integer matrix products other than those of convolutions (QGemm of a Linear, ...)."""
+        if self.ort_ops is None:
+            return None
+        return int(self._count(INT8_GEMM_OPS) or 0) - min(self.conv_matmuls, int(self._count(INT8_GEMM_OPS) or 0))
 
     @property
     def float_gemms(self) -> int | None:
@@ -179,7 +211,9 @@ class ExportReport:
                 "float_convs": self.float_convs, "int8_gemms": self.int8_gemms, "float_gemms": self.float_gemms,
             },
             "layers": [l.to_dict() for l in self.layers],
+            "u8u8_layers": len(self.u8u8_layers),
             "notes": list(self.notes),
+            "advice": self.advice,
         }
 
     def summary(self) -> str:
@@ -189,6 +223,8 @@ class ExportReport:
             s += f" ({self.lowbit_file_bytes / mb:.2f} MB with weights at their true bit width)"
         if self.ort_ops is not None:
             conv = Counter({k: v for k, v in self.ort_ops.items() if k in INT8_CONV_OPS})
+            if self.conv_matmuls:
+                conv["MatMulInteger"] = self.int8_convs - sum(conv.values())  # type: ignore[operator]
             s += (f"; ONNX Runtime runs {self.int8_convs} conv(s) as int8 "
                   f"({', '.join(f'{k} {v}' for k, v in sorted(conv.items())) or 'none'}), "
                   f"{self.float_convs} as float, {self.int8_gemms} int8 / {self.float_gemms} float gemm(s)")
@@ -346,7 +382,13 @@ class _QInfo:
     dtype: Any  # np.uint8 / np.int8
     scale_name: str = ""
     zp_name: str = ""
-    requant_safe: bool = False  # codes come from a node other than QuantizeLinear (see _block_double_qdq)
+    qrange: tuple[int, int] | None = None  # the codes lie in qmin..qmax (None: anywhere in the container)
+
+    def code_range(self) -> tuple[int, int]:
+        if self.qrange is not None:
+            return self.qrange
+        limits = np.iinfo(self.dtype)
+        return int(limits.min), int(limits.max)
 
 
 class _Writer:
@@ -399,6 +441,7 @@ class _Exporter:
         self.qinfo: dict[str, _QInfo] = {}
         self.alias: dict[fx.Node, fx.Node] = {}
         self.extra_pads: dict[fx.Node, tuple[int, int, int, int]] = {}
+        self.hoisted: dict[fx.Node, fx.Node] = {}  # max pool -> the activation quantizer moved in front of it
         self.layers: list[LayerExport] = []
         self.notes: list[str] = []
         self.inputs: list[Any] = []
@@ -453,7 +496,16 @@ class _Exporter:
             self.alias[n] = n.args[0]
             self.notes.append(f"{_describe(gm, n)}: zero padding merged into the pads of "
                               + ", ".join(repr(str(c.target)) for c in convs))
-        # 2. ReLU/ReLU6/clamp feeding only activation quantizers that saturate inside its bounds: drop.
+        # 2. A max pool whose only consumer is an activation quantizer: quantize in front of it instead
+        #    (a quantizer is non-decreasing, so it commutes with max), and the pool moves integer codes.
+        if self.quantized:
+            for n in nodes:
+                if n in self.alias or not isinstance(_module(gm, n), nn.MaxPool2d):
+                    continue
+                users = self.users(n)
+                if len(users) == 1 and _active_actq(gm, users[0]) is not None:
+                    self.hoisted[n] = users[0]
+        # 3. ReLU/ReLU6/clamp feeding only activation quantizers that saturate inside its bounds: drop.
         if self.quantized:
             for n in nodes:
                 if n in self.alias:
@@ -461,9 +513,7 @@ class _Exporter:
                 bounds = _clip_bounds(gm, n)
                 if bounds is None:
                     continue
-                if _active_actq(gm, self.resolve(n.args[0])) is not None:
-                    continue  # applied to integer codes instead (emit_clip), see _block_double_qdq
-                users = self.users(n)
+                users = self.quant_users(n)
                 qs = [_active_actq(gm, u) for u in users]
                 if users and all(q is not None and bool(q.calibrated) and _quantizer_saturates_within(q, *bounds)
                                  for q in qs):
@@ -577,15 +627,24 @@ class _Exporter:
             k = _pair(mod.kernel_size)
             s = _pair(mod.stride if mod.stride is not None else mod.kernel_size)
             p = _pair(mod.padding)
-            self.val[n] = w.node("AveragePool", [self.v(n.args[0], n)], hint, kernel_shape=k, strides=s,
-                                 pads=[p[0], p[1], p[0], p[1]], ceil_mode=int(mod.ceil_mode),
-                                 count_include_pad=int(mod.count_include_pad))
+            self.val[n] = self.quantize_pooled(n, w.node(
+                "AveragePool", [self.v(n.args[0], n)], hint, kernel_shape=k, strides=s, pads=[p[0], p[1], p[0], p[1]],
+                ceil_mode=int(mod.ceil_mode), count_include_pad=int(mod.count_include_pad)))
         elif isinstance(mod, nn.MaxPool2d):
             if mod.return_indices:
                 raise self.unsupported(n, "return_indices=True")
             k, s, p, d = _pair(mod.kernel_size), _pair(mod.stride or mod.kernel_size), _pair(mod.padding), _pair(mod.dilation)
-            self.val[n] = w.node("MaxPool", [self.v(n.args[0], n)], hint, kernel_shape=k, strides=s,
-                                 pads=[p[0], p[1], p[0], p[1]], dilations=d, ceil_mode=int(mod.ceil_mode))
+            attrs = dict(kernel_shape=k, strides=s, pads=[p[0], p[1], p[0], p[1]], dilations=d,
+                         ceil_mode=int(mod.ceil_mode))
+            x = self.v(n.args[0], n)
+            if n in self.hoisted:
+                qn = self.hoisted[n]
+                q = _module(self.gm, qn)
+                self._check_actq(qn, q)  # type: ignore[arg-type]
+                info = self.qinfo.get(x)
+                if info is None or not self._same_grid(info, q):  # type: ignore[arg-type]
+                    x = self.quantize_to(self._requantize_input(x, str(qn.target)), q, str(qn.target))  # type: ignore[arg-type]
+            self.val[n] = self.on_codes(x, "MaxPool", [], hint, **attrs) or w.node("MaxPool", [x], hint, **attrs)
         elif isinstance(mod, nn.Flatten):
             self.emit_flatten(n, mod.start_dim, mod.end_dim)
         elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
@@ -595,21 +654,35 @@ class _Exporter:
             rank = len(self.shape(n.args[0]))
             if rank != 4:
                 raise self.unsupported(n, f"expected a 4-d input, got rank {rank}")
-            sl = w.node("Slice", [x, w.const("starts", np.array([0, 0], np.int64)),
+            # Subsample and zero-pad the channels; on the integer codes when the input is quantized
+            # (exact: a Slice moves codes, and the zero-point code dequantizes to exactly 0).
+            info = self.qinfo.get(x)
+            src = info.int_name if info is not None else x
+            sl = w.node("Slice", [src, w.const("starts", np.array([0, 0], np.int64)),
                                   w.const("ends", np.array([INT64_MAX, INT64_MAX], np.int64)),
                                   w.const("axes", np.array([2, 3], np.int64)),
                                   w.const("steps", np.array([2, 2], np.int64))], hint + ".subsample")
-            self.val[n] = self.pad_node(sl, [0, mod.pad, 0, 0, 0, mod.pad, 0, 0], hint)
+            self.val[n] = self.pad_node(sl, [0, mod.pad, 0, 0, 0, mod.pad, 0, 0], hint, info=info)
         elif _zero_pad_2d(self.gm, n, self.shapes) is not None:
             l, r, t, b = _zero_pad_2d(self.gm, n, self.shapes)  # type: ignore[misc]
-            self.val[n] = self.pad_node(self.v(n.args[0], n), [0, 0, t, l, 0, 0, b, r], hint)
+            x = self.v(n.args[0], n)
+            info = self.qinfo.get(x)
+            self.val[n] = self.pad_node(info.int_name if info is not None else x, [0, 0, t, l, 0, 0, b, r], hint,
+                                        info=info)
         else:
             raise self.unsupported(n)
 
-    def pad_node(self, x: str, pads: list[int], hint: str) -> str:
+    def pad_node(self, x: str, pads: list[int], hint: str, *, info: _QInfo | None = None) -> str:
+        """Zero padding of ``x``; with ``info``, ``x`` holds integer codes on ``info``'s grid: pad them
+        with the zero-point and dequantize after."""
         w = self.w
-        return w.node("Pad", [x, w.const("pads", np.array(pads, np.int64)), w.const("pad_value", np.float32(0.0))],
-                      hint, mode="constant")
+        value = np.float32(0.0) if info is None else np.asarray(info.zero_point, dtype=info.dtype)
+        out = w.node("Pad", [x, w.const("pads", np.array(pads, np.int64)), w.const("pad_value", value)],
+                     hint if info is None else hint + ".codes", mode="constant")
+        if info is None:
+            return out
+        r0, r1 = info.code_range()
+        return self.dequantized(out, info, hint, qrange=(min(r0, info.zero_point), max(r1, info.zero_point)))
 
     def emit_hardswish(self, n: fx.Node, x: str, hint: str) -> None:
         w = self.w
@@ -647,10 +720,8 @@ class _Exporter:
                 hi_c = limits.max if hi_c is None else min(hi_c, limits.max)
                 qt = w.node("Clip", [info.int_name, w.const("clip_min", np.asarray(lo_c, info.dtype)),
                                      w.const("clip_max", np.asarray(hi_c, info.dtype))], hint + ".codes")
-                s, z = self._scale_zp(info)
-                out = w.node("DequantizeLinear", [qt, s, z], hint)
-                self.val[n] = out
-                self.qinfo[out] = _QInfo(qt, info.scale, info.zero_point, info.dtype, requant_safe=True)
+                r0, r1 = info.code_range()
+                self.val[n] = self.dequantized(qt, info, hint, qrange=(max(r0, lo_c), min(r1, hi_c)))
                 return
         if lo == 0.0 and math.isinf(hi):
             self.val[n] = w.node("Relu", [x], hint)
@@ -662,51 +733,97 @@ class _Exporter:
         self.val[n] = w.node("Clip", ins, hint)
 
     def emit_actq(self, n: fx.Node, q: ActQuantizer) -> None:
+        self._check_actq(n, q)
+        hint = str(n.target)
+        x = self.v(n.args[0], n)
+        info = self.qinfo.get(x)
+        if info is not None and self._same_grid(info, q):
+            # Already on this quantizer's grid (e.g. pooled and quantized in front of a Flatten, see
+            # emit_pool): quantizing again changes nothing, and a DQ -> Q pair would cost a pass.
+            self.val[n] = x
+            self.act_codes[hint] = [info.int_name, np.dtype(info.dtype).name]
+            return
+        self.val[n] = self.quantize_to(self._requantize_input(x, hint), q, hint)
+
+    def _check_actq(self, n: fx.Node, q: ActQuantizer) -> None:
         if q.observer is not None:
             raise ExportError(f"activation quantizer {n.target!r} is observing (inside zsq.calibrate?); "
                               "export after calibration has finished")
         if not bool(q.calibrated):
             raise NotCalibratedError(f"activation quantizer {n.target!r} was never calibrated: run "
                                      "zsq.calibrate(model, data) before exporting")
-        w = self.w
-        x = self._block_double_qdq(self.v(n.args[0], n), str(n.target))
-        hint = str(n.target)
         qmin, qmax = q.qrange
-        dtype = np.int8 if q.symmetric else np.uint8
-        info = np.iinfo(dtype)
-        if qmin < info.min or qmax > info.max:
+        limits = np.iinfo(self._act_dtype(q))
+        if qmin < limits.min or qmax > limits.max:
             raise ExportError(f"activation quantizer {n.target!r} has range {qmin}..{qmax}, which does not fit "
-                              f"in {np.dtype(dtype).name}")
+                              f"in {np.dtype(self._act_dtype(q)).name}")
+
+    @staticmethod
+    def _act_dtype(q: ActQuantizer) -> Any:
+        return np.int8 if q.symmetric else np.uint8
+
+    def _same_grid(self, info: _QInfo, q: ActQuantizer) -> bool:
+        """Whether ``q(dequantize(codes)) == codes`` for every code ``info`` can hold."""
+        qmin, qmax = q.qrange
+        r0, r1 = info.code_range()
+        return (info.dtype is self._act_dtype(q) and info.scale == float(np.float32(float(q.scale)))
+                and info.zero_point == int(q.zero_point) and qmin <= r0 and r1 <= qmax)
+
+    def quantize_to(self, x: str, q: ActQuantizer, hint: str) -> str:
+        """``QuantizeLinear -> [Clip] -> DequantizeLinear`` with ``q``'s scale and zero-point; the
+        constants are named ``<hint>.scale`` / ``<hint>.zero_point`` and the codes are recorded for
+        :func:`layer_parity` under ``hint`` (the quantizer's name)."""
+        w = self.w
+        qmin, qmax = q.qrange
+        dtype = self._act_dtype(q)
+        limits = np.iinfo(dtype)
         s = w.const(hint + ".scale", np.float32(float(q.scale)))
         z = w.const(hint + ".zero_point", np.asarray(int(q.zero_point), dtype=dtype))
         qt = w.node("QuantizeLinear", [x, s, z], hint + ".q")
-        if (qmin, qmax) != (info.min, info.max):
+        if (qmin, qmax) != (limits.min, limits.max):
             # QuantizeLinear saturates at the container range; zsq's quantizer at qmin..qmax.
             qt = w.node("Clip", [qt, w.const(hint + ".qmin", np.asarray(qmin, dtype=dtype)),
                                  w.const(hint + ".qmax", np.asarray(qmax, dtype=dtype))], hint + ".clip")
         out = w.node("DequantizeLinear", [qt, s, z], hint)
-        self.val[n] = out
         self.qinfo[out] = _QInfo(qt, float(np.float32(float(q.scale))), int(q.zero_point), dtype, s, z,
-                                 requant_safe=(qmin, qmax) != (info.min, info.max))
-        self.act_codes[str(n.target)] = [qt, np.dtype(dtype).name]
+                                 qrange=(qmin, qmax))
+        self.act_codes[hint] = [qt, np.dtype(dtype).name]
+        return out
 
-    def _scale_zp(self, info: _QInfo) -> tuple[str, str]:
-        return info.scale_name, info.zp_name
+    def dequantized(self, codes: str, like: _QInfo, hint: str, *, qrange: tuple[int, int] | None = None) -> str:
+        """``DequantizeLinear`` of integer ``codes`` on ``like``'s grid (made by an integer op on
+        ``like.int_name``: a Clip, Slice, Pad, Flatten, ...), recorded as a quantized tensor."""
+        out = self.w.node("DequantizeLinear", [codes, like.scale_name, like.zp_name], hint)
+        self.qinfo[out] = dataclasses.replace(like, int_name=codes, qrange=qrange if qrange is not None else like.qrange)
+        return out
 
-    def _block_double_qdq(self, x: str, hint: str) -> str:
-        """Re-quantizing a dequantized tensor (``Q1 -> DQ1 -> Q2``) as is would let ONNX Runtime's
-        DoubleQDQPairsRemover replace both quantizers by one with a *new* scale (the intersection of the
-        two ranges), which is not what zsq computes. An integer Clip over the full code range in front of
-        DQ1 (a no-op on the values) keeps the two roundings apart."""
+    def on_codes(self, x: str, op: str, extra: Sequence[str], hint: str, **attrs: Any) -> str | None:
+        """Apply a data-movement op (Flatten, Reshape, Slice, MaxPool, ...) to the integer codes behind
+        ``x`` and dequantize after it: the same values as applying it to ``x`` (these ops commute with
+        an elementwise increasing map), and ONNX Runtime moves uint8 instead of float. None when ``x``
+        is not a dequantized tensor."""
         info = self.qinfo.get(x)
-        if info is None or info.requant_safe:
+        if info is None:
+            return None
+        codes = self.w.node(op, [info.int_name, *extra], hint + ".codes", **attrs)
+        return self.dequantized(codes, info, hint)
+
+    def _requantize_input(self, x: str, hint: str) -> str:
+        """A dequantized tensor about to be quantized on another grid (``Q1 -> DQ1 -> Q2``) first gets
+        zero added, as ``Add(DQ1(codes), DQ1(zero-point))``, for two reasons. ONNX Runtime fuses
+        ``DQ -> Add -> Q`` into QLinearAdd, whose vectorised kernel then requantizes the codes in one
+        pass over uint8 data (measured: several times faster than ``DequantizeLinear`` followed by
+        ``QuantizeLinear``, or than a lookup table); adding exactly 0 changes no value. And written as
+        a bare ``Q1 -> DQ1 -> Q2 -> DQ2``, ONNX Runtime's DoubleQDQPairsRemover would replace both
+        quantizers by one with a *new* scale (the intersection of the two ranges), which is not what
+        zsq computes."""
+        info = self.qinfo.get(x)
+        if info is None:
             return x
-        limits = np.iinfo(info.dtype)
         w = self.w
-        qt = w.node("Clip", [info.int_name, w.const("clip_min", np.asarray(limits.min, info.dtype)),
-                             w.const("clip_max", np.asarray(limits.max, info.dtype))], hint + ".requant")
-        s, z = self._scale_zp(info)
-        return w.node("DequantizeLinear", [qt, s, z], hint + ".requant_input")
+        zero = w.const(hint + ".zero_code", np.asarray(info.zero_point, dtype=info.dtype))
+        zero = w.node("DequantizeLinear", [zero, info.scale_name, info.zp_name], hint + ".zero")
+        return w.node("Add", [x, zero], hint + ".requant")
 
     def _wscale(self, mod: nn.Module, xq: _QInfo | None) -> torch.Tensor:
         """The weight scales written for ``mod``: zsq's, except for channels whose int32 bias would
@@ -811,8 +928,12 @@ class _Exporter:
                                            w.const(hint + ".bias_zero_point", np.zeros(bs.shape, np.int32))],
                       hint + ".bias", axis=0)
 
+    def quant_users(self, n: fx.Node) -> list[fx.Node]:
+        """:meth:`users`, with each max pool that has its quantizer moved in front replaced by it."""
+        return [self.hoisted.get(u, u) for u in self.users(n)]
+
     def _requantized(self, n: fx.Node) -> bool:
-        users = self.users(n)
+        users = self.quant_users(n)
         return bool(users) and all(_active_actq(self.gm, u) is not None for u in users)
 
     def emit_conv(self, n: fx.Node, mod: nn.Conv1d | nn.Conv2d) -> None:
@@ -858,8 +979,12 @@ class _Exporter:
         fake-quantized conv whose output stays float."""
         w = self.w
         wq = mod.weight_quantizer
+        if (isinstance(mod, nn.Conv2d) and tuple(mod.kernel_size) == (1, 1) and tuple(mod.stride) == (1, 1)
+                and mod.groups == 1 and not any(attrs["pads"])):
+            self.emit_pointwise_integer(n, mod, xq, hint, kind)
+            return
         # ConvInteger always gets uint8 weights: exact (u8u8) on every CPU, and ONNX Runtime's ConvInteger
-        # with int8 weights measured 4x slower here (AMD EPYC, AVX2, ORT 1.32).
+        # with int8 weights measured 3-4x slower here (AMD EPYC, AVX2, ORT 1.32).
         saved, self.weight_type = self.weight_type, "uint8"
         try:
             q, zp, dtype = self._int_weight(mod, mod.weight.detach().cpu().float())
@@ -880,6 +1005,34 @@ class _Exporter:
             out = w.node("Add", [out, w.const(hint + ".bias", mod.bias.detach().cpu().float().numpy().reshape(bcast))], hint)
         self.val[n] = out
         self.layers.append(LayerExport(hint, kind, int(wq.bits), "conv_integer", int(mod.weight.numel()),
+                                       self.containers[id(mod)]))
+
+    def emit_pointwise_integer(self, n: fx.Node, mod: nn.Conv2d, xq: _QInfo, hint: str, kind: str) -> None:
+        """A 1x1 convolution whose output stays float, as an integer matrix product over channels-last
+        codes: ``Transpose(NHWC) -> MatMulInteger -> Cast -> Mul(x_scale * w_scale) -> Add(bias) ->
+        Transpose(NCHW)``; the same integers as ConvInteger. ONNX Runtime keeps the convolutions before
+        it in NHWC, so the first Transpose cancels against its own, and MatMulInteger takes int8
+        weights at full speed (ConvInteger does not; see emit_conv_integer), so exact 7-bit weights
+        (``weight_type="auto"``) run the fast u8s8 kernel."""
+        w = self.w
+        wq = mod.weight_quantizer
+        q, zp, dtype = self._int_weight(mod, mod.weight.detach().cpu().float())
+        cout = q.shape[0]
+        mat = np.ascontiguousarray(q.reshape(cout, -1).T)  # (C_in, C_out)
+        wname = w.const(hint + ".weight_q", mat)
+        w.weight_names[wname] = int(wq.bits)
+        xt = w.node("Transpose", [xq.int_name], hint + ".input_nhwc", perm=[0, 2, 3, 1])
+        ins = [xt, wname, w.const(hint + ".x_zero_point", np.asarray(xq.zero_point, np.uint8)),
+               w.const(hint + ".weight_zero_point", np.asarray(zp.reshape(-1)[0], dtype))]  # symmetric: one value
+        acc = w.node("MatMulInteger", ins, hint + ".acc")
+        accf = w.node("Cast", [acc], hint + ".acc_float", to=w.TP.FLOAT)
+        ws = wq.scale.detach().cpu().float().numpy() if wq.per_channel else np.full(cout, float(wq.scale[0]), np.float32)
+        scale = (np.float32(xq.scale) * ws.astype(np.float32)).astype(np.float32)
+        out = w.node("Mul", [accf, w.const(hint + ".out_scale", scale)], hint + ".scaled")
+        if mod.bias is not None:
+            out = w.node("Add", [out, w.const(hint + ".bias", mod.bias.detach().cpu().float().numpy())], hint + ".biased")
+        self.val[n] = w.node("Transpose", [out], hint, perm=[0, 3, 1, 2])
+        self.layers.append(LayerExport(hint, kind, int(wq.bits), "matmul_integer", int(mod.weight.numel()),
                                        self.containers[id(mod)]))
 
     def _conv_pads(self, n: fx.Node, mod: nn.Module, nd: int) -> list[int]:
@@ -934,12 +1087,50 @@ class _Exporter:
         oh, ow = oh or h, ow or wd
         x = self.v(n.args[0], n)
         if (oh, ow) == (1, 1):
-            self.val[n] = w.node("GlobalAveragePool", [x], str(n.name))
+            self.val[n] = self.quantize_pooled(n, w.node("GlobalAveragePool", [x], str(n.name)))
         elif h % oh == 0 and wd % ow == 0:
             kk = [h // oh, wd // ow]
-            self.val[n] = w.node("AveragePool", [x], str(n.name), kernel_shape=kk, strides=kk)
+            self.val[n] = self.quantize_pooled(n, w.node("AveragePool", [x], str(n.name), kernel_shape=kk, strides=kk))
         else:
             raise self.unsupported(n, f"adaptive pooling from {h}x{wd} to {oh}x{ow} is not a fixed pooling window")
+
+    def _shape_only(self, n: fx.Node) -> bool:
+        """Flatten / view / reshape: ops that move values without changing them."""
+        if isinstance(_module(self.gm, n), nn.Flatten):
+            return True
+        return n.op in ("call_function", "call_method") and n.target in (torch.flatten, "flatten", "view", "reshape",
+                                                                         torch.reshape)
+
+    def _pooled_quantizer(self, n: fx.Node) -> tuple[fx.Node, ActQuantizer] | None:
+        """The activation quantizer that alone consumes ``n``, through flatten/reshape (and dropout or
+        identity, which are aliased away) only; None otherwise."""
+        cur = n
+        for _ in range(16):
+            users = [u for u in self.users(cur) if not (
+                u.op == "call_method" and u.target in ("size", "dim") or u.op == "call_function" and u.target is getattr)]
+            if len(users) != 1:
+                return None
+            u = users[0]
+            q = _active_actq(self.gm, u)
+            if q is not None:
+                return u, q
+            if not self._shape_only(u):
+                return None
+            cur = u
+        return None
+
+    def quantize_pooled(self, n: fx.Node, out: str) -> str:
+        """Quantize an average pool's output right away with the quantizer that its flattened form
+        feeds: ``DequantizeLinear -> (Global)AveragePool -> QuantizeLinear`` is what ONNX Runtime fuses
+        into QLinear(Global)AveragePool, and the Flatten after it then moves integer codes. Exact: the
+        flatten does not change values, so quantizing before or after it gives the same codes; the
+        quantizer itself then finds its input on its own grid (emit_actq) and adds nothing."""
+        found = self._pooled_quantizer(n) if self.quantized else None
+        if found is None:
+            return out
+        qn, q = found
+        self._check_actq(qn, q)
+        return self.quantize_to(out, q, str(qn.target))
 
     def emit_flatten(self, n: fx.Node, start: int, end: int) -> None:
         shape = self.shape(n.args[0])
@@ -949,10 +1140,12 @@ class _Exporter:
         if start == 0:
             raise self.unsupported(n, "flattening the batch dimension")
         if end == rank - 1:
-            self.val[n] = self.w.node("Flatten", [x], str(n.name), axis=start)
+            self.val[n] = self.on_codes(x, "Flatten", [], n.name, axis=start) or \
+                self.w.node("Flatten", [x], n.name, axis=start)
         else:
-            target = [0] * start + [-1] + list(shape[end + 1:])
-            self.val[n] = self.w.node("Reshape", [x, self.w.const("shape", np.array(target, np.int64))], str(n.name))
+            target = self.w.const("shape", np.array([0] * start + [-1] + list(shape[end + 1:]), np.int64))
+            self.val[n] = self.on_codes(x, "Reshape", [target], n.name) or \
+                self.w.node("Reshape", [x, target], n.name)
 
     def emit_batchnorm(self, n: fx.Node, bn: nn.modules.batchnorm._BatchNorm) -> None:
         w = self.w
@@ -1004,7 +1197,8 @@ class _Exporter:
             src, out = n.args[0], self.shapes.get(n)
             if out is None or out[0] != self.shape(src)[0]:
                 raise self.unsupported(n, "only reshapes that keep the batch dimension are exportable")
-            self.val[n] = w.node("Reshape", [self.v(src, n), w.const("shape", np.array([0, *out[1:]], np.int64))], hint)
+            x, shape = self.v(src, n), w.const("shape", np.array([0, *out[1:]], np.int64))
+            self.val[n] = self.on_codes(x, "Reshape", [shape], hint) or w.node("Reshape", [x, shape], hint)
         elif t is F.adaptive_avg_pool2d:
             self.emit_adaptive_avg(n, _arg(n, 1, "output_size"))
         elif t in (torch.mean, "mean"):
@@ -1017,7 +1211,10 @@ class _Exporter:
             self.val[n] = w.node("Concat", [self.v(a, n) for a in tensors], hint, axis=dim)
         elif _zero_pad_2d(self.gm, n, self.shapes) is not None:
             l, r, tp, b = _zero_pad_2d(self.gm, n, self.shapes)  # type: ignore[misc]
-            self.val[n] = self.pad_node(self.v(n.args[0], n), [0, 0, tp, l, 0, 0, b, r], hint)
+            x = self.v(n.args[0], n)
+            info = self.qinfo.get(x)
+            self.val[n] = self.pad_node(info.int_name if info is not None else x, [0, 0, tp, l, 0, 0, b, r], hint,
+                                        info=info)
         else:
             raise self.unsupported(n)
 
@@ -1028,13 +1225,29 @@ class _Exporter:
         dims = [dims] if isinstance(dims, int) else list(dims or [])
         if len(shape) != 4 or sorted(d % 4 for d in dims) != [2, 3]:
             raise self.unsupported(n, "only the mean over the two spatial dimensions of a 4-d tensor is exportable")
-        g = self.w.node("GlobalAveragePool", [self.v(n.args[0], n)], n.name + ("" if keep else ".pool"))
-        self.val[n] = g if keep else self.w.node("Flatten", [g], n.name, axis=1)
+        g = self.quantize_pooled(n, self.w.node("GlobalAveragePool", [self.v(n.args[0], n)],
+                                                n.name + ("" if keep else ".pool")))
+        self.val[n] = g if keep else (self.on_codes(g, "Flatten", [], n.name, axis=1) or
+                                      self.w.node("Flatten", [g], n.name, axis=1))
 
     # -- model -------------------------------------------------------------------------------------
 
+    def prune(self) -> None:
+        """Drop nodes whose outputs nothing uses (e.g. the DequantizeLinear of a tensor whose integer
+        codes are clipped directly), and initializers nothing reads. ONNX Runtime keeps such nodes and
+        runs them, each with a Transpose back from its NHWC layout."""
+        needed = {o.name for o in self.outputs}
+        kept: list[Any] = []
+        for node in reversed(self.w.nodes):
+            if any(o in needed for o in node.output):
+                kept.append(node)
+                needed.update(i for i in node.input if i)
+        self.w.nodes = kept[::-1]
+        self.w.inits = [t for t in self.w.inits if t.name in needed]
+
     def model(self, *, doc: str, metadata: dict[str, str]) -> Any:
         onnx, helper, _, _ = _onnx()
+        self.prune()
         graph = helper.make_graph(self.w.nodes, "zsq", self.inputs, self.outputs, initializer=self.w.inits)
         opsets = [helper.make_opsetid("", self.opset)]
         model = helper.make_model(graph, opset_imports=opsets, producer_name="zsq", doc_string=doc)
@@ -1050,6 +1263,24 @@ class _Exporter:
             raise ExportError(f"the exported ONNX graph does not validate ({type(exc).__name__}: {exc}); "
                               "please report this with the model that caused it") from exc
         return model
+
+
+def conv_kernel_counts(ort_ops: dict[str, int], conv_matmuls: int = 0) -> tuple[int, int]:
+    """(integer, float) convolution kernels in ONNX Runtime's optimised graph, given its operator
+    counts and how many convolutions the exporter wrote as MatMulInteger (:func:`conv_matmul_count`)."""
+    int8 = sum(ort_ops.get(o, 0) for o in INT8_CONV_OPS)
+    int8 += min(conv_matmuls, sum(ort_ops.get(o, 0) for o in INT8_GEMM_OPS))
+    return int8, sum(ort_ops.get(o, 0) for o in FLOAT_CONV_OPS)
+
+
+def conv_matmul_count(path: str | os.PathLike[str]) -> int:
+    """How many convolutions of a zsq export are written as MatMulInteger (from its metadata; 0 for
+    files zsq did not write)."""
+    onnx, *_ = _onnx()
+    m = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in m.metadata_props}
+    lowering = json.loads(props.get("zsq.lowering", "{}"))
+    return sum(1 for v in lowering.values() if v == "matmul_integer")
 
 
 def _pair(v: Any) -> list[int]:
@@ -1105,6 +1336,43 @@ def _weight_bytes(model_proto: Any, weight_bits: dict[str, int]) -> tuple[int, i
     return stored, lowbit
 
 
+def cpu_features(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> dict[str, Any]:
+    """The CPU model and the x86 features that decide ONNX Runtime's int8 kernels: ``avx2``,
+    ``avx512_vnni``, ``avx_vnni`` and ``vnni`` (either VNNI). Values are None where unknown."""
+    out: dict[str, Any] = {"cpu": None, "avx2": None, "avx512_vnni": None, "avx_vnni": None, "vnni": None}
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        if line.startswith("model name") and out["cpu"] is None:
+            out["cpu"] = line.split(":", 1)[1].strip()
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            out.update(avx2="avx2" in flags, avx512_vnni="avx512_vnni" in flags, avx_vnni="avx_vnni" in flags)
+            out["vnni"] = out["avx512_vnni"] or out["avx_vnni"]
+            break
+    return out
+
+
+def speed_advice(u8u8_layers: int, cpu: dict[str, Any]) -> str | None:
+    """What to choose for int8 speed on ``cpu`` (see :func:`cpu_features`), for an export with
+    ``u8u8_layers`` layers whose 8-bit weights are stored as uint8; None when nothing applies."""
+    if not u8u8_layers or cpu.get("vnni") is None:
+        return None
+    name = cpu.get("cpu") or "this CPU"
+    if not cpu["vnni"]:
+        return (f"{name} has no VNNI (AVX-512 VNNI / AVX-VNNI): the {u8u8_layers} layer(s) whose 8-bit weights are "
+                "stored as uint8 (exact on every CPU) run ONNX Runtime's u8u8 kernels, no faster than float here. "
+                "For int8 that is exact and fast on this CPU, quantize with 7-bit weights (`zsq quantize ... --wbits 7 "
+                "--export onnx`): they run the u8s8 kernels, which cannot saturate (2 x 255 x 64 <= 32767). "
+                "Weight type int8 (`zsq export --weight-type int8`, `zsq quantize --export-weight-type int8`) is as "
+                "fast but saturates 16-bit sums here, which changes results")
+    return (f"{name} has VNNI: its u8s8 kernels accumulate in 32 bits, so weight type int8 (`zsq export --weight-type "
+            f"int8`, `zsq quantize --export-weight-type int8`) is exact and faster here for the {u8u8_layers} layer(s) "
+            "now stored as uint8 (the default keeps the file exact on every CPU)")
+
+
 BIAS_CODE_TARGET = 2**24  # |int32 bias| given to a channel whose weight scale had to grow (exact in float32)
 
 
@@ -1128,6 +1396,23 @@ def bias_safe_weight_scale(bias: torch.Tensor, x_scale: torch.Tensor | float, w_
     return torch.where(over, torch.maximum(grown, ws), ws)
 
 
+def _reject_nonuniform(qmodel: nn.Module) -> None:
+    """QDQ (and every integer ONNX operator) needs an affine grid ``(q - zero_point) * scale``; a
+    non-uniform codebook is not one, so such layers cannot be exported (see docs/hybrid_nonuniform.md)."""
+    from ..errors import UnsupportedQuantizerError
+    from ..quant.nonuniform import is_nonuniform
+
+    bad = [n for n, m in qmodel.named_modules()
+           if isinstance(m, QUANT_LAYER_TYPES) and is_nonuniform(m.weight_quantizer)]
+    if bad:
+        shown = ", ".join(repr(b) for b in bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        raise UnsupportedQuantizerError(
+            f"cannot export {len(bad)} layer(s) with non-uniform (codebook) weights ({shown}) to ONNX: QDQ and the "
+            "integer ONNX operators only express uniform grids (q - zero_point) * scale, not a codebook. Quantize "
+            "with uniform weights (weight_quantizer='uniform', CLI --weight-quantizer uniform) to export, or keep "
+            "the non-uniform model as a zsq checkpoint (zsq.save_quantized / `zsq quantize --out`)")
+
+
 def snap_biases(qmodel: nn.Module) -> list[str]:
     """Round the bias of every quantized Conv/Linear, in place, to the int32 grid an integer runtime uses.
 
@@ -1145,6 +1430,8 @@ def snap_biases(qmodel: nn.Module) -> list[str]:
     for node in gm.graph.nodes:
         mod = _module(gm, node)
         if not isinstance(mod, QUANT_LAYER_TYPES) or mod.bias is None or mod.weight_quantizer is None:
+            continue
+        if not hasattr(mod.weight_quantizer, "scale"):  # non-uniform codebook: no int32 bias grid
             continue
         src = node.args[0] if node.args else None
         q = _module(gm, src) if isinstance(src, fx.Node) else None
@@ -1195,6 +1482,7 @@ def export_onnx(
     if weight_type not in WEIGHT_TYPES:
         raise ExportError(f"weight_type={weight_type!r} is not one of {', '.join(WEIGHT_TYPES)}")
     x = _check_example(example_input)
+    _reject_nonuniform(qmodel)
     has_q = any(isinstance(m, ActQuantizer) for m in qmodel.modules()) or any(
         isinstance(m, QUANT_LAYER_TYPES) and m.weight_quantizer is not None for m in qmodel.modules())
     if not has_q:
@@ -1224,6 +1512,8 @@ def export_onnx(
     bits = {l.name: l.wbits for l in ex.layers}
     cfg = getattr(qmodel, "zsq_config", None)
     meta = {"zsq.format": "qdq", "zsq.weight_bits": json.dumps(bits),
+            "zsq.lowering": json.dumps({l.name: l.lowering for l in ex.layers}),
+            "zsq.weight_containers": json.dumps({l.name: l.container for l in ex.layers}),
             "zsq.input_shape": json.dumps([BATCH_DIM, *x.shape[1:]]), "zsq.act_codes": json.dumps(ex.act_codes)}
     if cfg is not None and hasattr(cfg, "to_dict"):
         meta["zsq.quant_config"] = json.dumps(cfg.to_dict())
@@ -1235,6 +1525,7 @@ def export_onnx(
     if verify:
         report.ort_level = "extended"
         report.ort_ops = ort_op_counts(p, level="extended")
+    report.advice = speed_advice(len(report.u8u8_layers), cpu_features())
     return report
 
 
@@ -1276,14 +1567,34 @@ def export_pair(
     out_dir: str | os.PathLike[str],
     *,
     example_input: torch.Tensor,
+    weight_type: str = "auto",
     opset: int = DEFAULT_OPSET,
+    verify: bool = True,
+    check_inputs: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Write ``model.int8.onnx`` and ``model.fp32.onnx`` into ``out_dir`` (what ``zsq quantize --export onnx``
-    does); returns ``{"int8": report dict, "fp32": report dict}`` for report.json."""
+    """Write ``model.int8.onnx`` (``qmodel`` as QDQ) and ``model.fp32.onnx`` (``fp32_model``) into
+    ``out_dir``: what ``zsq quantize ... --export onnx`` does.
+
+    With ``verify`` (default) ONNX Runtime loads both files and optimises them (the reports count
+    the int8 and float convolutions it will run), and the int8 file is run on ``check_inputs``
+    (default: ``example_input``) and compared with ``qmodel`` (:func:`compare_onnx`). Returns a dict
+    for report.json: ``{"int8": report, "fp32": report, "files": {...}, "cpu": cpu_features(),
+    "advice": str | None, "parity": compare_onnx result or None}``.
+    """
     out = Path(out_dir)
-    rq = export_onnx(qmodel, out / "model.int8.onnx", example_input=example_input, opset=opset)
-    rf = export_fp32_onnx(fp32_model, out / "model.fp32.onnx", example_input=example_input, opset=opset)
-    return {"int8": rq.to_dict(), "fp32": rf.to_dict()}
+    files = {"int8": out / "model.int8.onnx", "fp32": out / "model.fp32.onnx"}
+    rq = export_onnx(qmodel, files["int8"], example_input=example_input, opset=opset, weight_type=weight_type,
+                     verify=verify)
+    rf = export_fp32_onnx(fp32_model, files["fp32"], example_input=example_input, opset=opset, verify=verify)
+    parity = None
+    if verify:
+        x = check_inputs if check_inputs is not None else example_input
+        try:
+            parity = compare_onnx(qmodel, files["int8"], x.detach().cpu().float())
+        except ExportError as exc:  # e.g. the last layer's input is not quantized: no "output step"
+            rq.notes.append(f"parity check skipped: {exc}")
+    return {"int8": rq.to_dict(), "fp32": rf.to_dict(), "files": {k: str(v) for k, v in files.items()},
+            "cpu": cpu_features(), "advice": rq.advice, "parity": parity}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1504,6 +1815,7 @@ def export_checkpoint(
 
 __all__ = [
     "DEFAULT_OPSET", "ExportReport", "LayerExport", "bias_safe_weight_scale", "compare_onnx", "layer_parity",
+    "conv_kernel_counts", "conv_matmul_count", "cpu_features", "speed_advice",
     "snap_biases", "export_checkpoint", "export_fp32_onnx",
     "export_onnx", "export_pair", "load_session", "logit_step", "ort_op_counts", "run_onnx", "session_options",
 ]
