@@ -189,3 +189,19 @@ def test_retro_calibration(tmp_path, capsys, model):
     c = report(out)["calibration"]
     assert c["source"] == "retro"
     assert (out / "retro_images.png").is_file()
+
+
+@pytest.mark.parametrize("method", ["adaround", "brecq", "finetune"])
+def test_recover_runs_and_exports(tmp_path, capsys, method):
+    out = tmp_path / method
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--wbits", "4", "--recover", method, "--recover-iters", "4",
+                     "--export", "onnx", "--out", out, *FAST)
+    assert rc == 0, err
+    r = report(out)
+    assert r["settings"]["recover"]["method"] == method and "recover" in r and "recover" in r["timings_s"]
+    assert r["export"]["int8"]["ort"]["float_convs"] == 0
+
+
+def test_recover_iters_without_recover(tmp_path, capsys):
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--recover-iters", "3", "--out", tmp_path / "x", *FAST)
+    assert rc == 2 and "--recover" in err and "Traceback" not in err

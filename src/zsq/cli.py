@@ -159,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also export: onnx writes model.int8.onnx (QDQ) and model.fp32.onnx into --out")
     p.add_argument("--export-weight-type", choices=("auto", "int8", "uint8"), default="auto",
                    help="ONNX weight integer type (default auto: exact on every CPU; see `zsq export --help`)")
+    g = p.add_argument_group("low-bit recovery on the calibration data")
+    g.add_argument("--recover", choices=("adaround", "brecq", "finetune"), default=None,
+                   help="after calibration: AdaRound learned rounding, BRECQ block reconstruction, or fine-tuning "
+                        "(KL to the FP32 model, blocks unfrozen in HAWQ order)")
+    g.add_argument("--recover-iters", type=_pos_int, default=None,
+                   help="steps per layer (adaround) / per block (brecq) / in total (finetune); default per method")
+    g.add_argument("--recover-batch-size", type=_pos_int, default=None, help="inputs per step (default 32)")
     _add_distill_args(p)
     from .sensitivity.commands import add_mixed_precision_args
 
@@ -256,11 +263,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .sensitivity.commands import mixed_precision_from_args
 
     mp_cfg, bit_plan = mixed_precision_from_args(args)
+    rcfg = None
+    if args.recover is not None:
+        from .recover import RecoverConfig
+
+        rcfg = RecoverConfig(method=args.recover, iters=args.recover_iters,
+                             **({"batch_size": args.recover_batch_size} if args.recover_batch_size else {}),
+                             seed=args.seed)
+    elif args.recover_iters is not None or args.recover_batch_size is not None:
+        raise ConfigError("--recover-iters / --recover-batch-size need --recover adaround|brecq|finetune")
     cfg = RunConfig(model=args.model, weights=args.weights, quant=qcfg, distill=_distill_config(args), calib=calib,
                     calib_size=args.calib_size, eval=args.eval, eval_split=args.eval_split,
                     eval_limit=args.eval_limit, device=args.device, seed=args.seed, mixed_precision=mp_cfg,
                     bit_plan=bit_plan, export=args.export, export_weight_type=args.export_weight_type,
-                    hybrid=hybrid, hybrid_threshold=args.hybrid_threshold, hybrid_tolerance=args.hybrid_tolerance)
+                    hybrid=hybrid, hybrid_threshold=args.hybrid_threshold, hybrid_tolerance=args.hybrid_tolerance,
+                    recover=rcfg)
     safe = re.sub(r"[^0-9A-Za-z_.-]", "_", args.model)
     wtag = "mp" + str(mp_cfg.target_size or mp_cfg.bops).replace(" ", "") if mp_cfg else f"w{args.wbits}"
     out = Path(args.out or f"runs/{safe}-{wtag}a{args.abits}")
@@ -281,6 +298,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(f"top-1 FP32 {r['fp32']['top1']:.2f}  {label} {r['quantized']['top1']:.2f}  "
               f"(drop {r['fp32']['top1'] - r['quantized']['top1']:+.2f})  agreement {r['agreement']:.2f}%  "
               f"KL {r['kl']:.4f}  on {r['eval']['num_images']} images")
+    if "recover" in t:
+        print(f"recovery ({args.recover}): {t['recover']:.1f}s")
     print(f"time: distill {t['distill']:.1f}s  calibrate {t['calibrate']:.1f}s  evaluate {t['evaluate']:.1f}s  "
           f"total {t['total']:.1f}s")
     files = "quantized.safetensors, zsq_config.json, bit_plan.json, report.json, images"

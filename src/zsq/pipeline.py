@@ -46,6 +46,7 @@ class RunConfig:
     bit_plan: str | None = None  # path of a bit plan JSON (per-layer weight bits) to apply
     export: str | None = None  # "onnx": also write model.int8.onnx + model.fp32.onnx
     export_weight_type: str = "auto"
+    recover: Any = None  # zsq.recover.RecoverConfig: AdaRound / BRECQ / fine-tuning on the calibration data
     hybrid: bool = False  # choose per-tensor / per-channel weights per layer (zsq.hybrid)
     hybrid_threshold: float | None = None  # None: chosen on the calibration data
     hybrid_tolerance: float | None = None  # None: zsq.hybrid's default
@@ -68,6 +69,8 @@ class RunConfig:
         d["distill"] = self.distill.to_dict()
         if self.mixed_precision is not None:
             d["mixed_precision"] = self.mixed_precision.to_dict()
+        if self.recover is not None:
+            d["recover"] = self.recover.to_dict()
         return d
 
 
@@ -204,11 +207,20 @@ def run(cfg: RunConfig, *, out_dir: str | Path | None = None, progress: bool = T
     log.info("%s", fold_report)
     qmodel.to(device)
     calibrate(qmodel, calib_x, device=device, progress=progress)
+    timings["calibrate"] = time.perf_counter() - t + t_prepare
+    recover_report = None
+    if cfg.recover is not None:  # learned rounding / reconstruction, baked into ordinary quantized weights
+        from .recover import recover
+
+        t = time.perf_counter()
+        recover_report = recover(qmodel, folded, calib_x, cfg.recover, device=device, progress=progress)
+        timings["recover"] = time.perf_counter() - t
+    t = time.perf_counter()
     if cfg.export == "onnx":  # biases on the int32 grid the integer kernels use: the saved, evaluated and
         from .export import snap_biases  # exported models then add the same biases
 
         snap_biases(qmodel)
-    timings["calibrate"] = time.perf_counter() - t + t_prepare
+    timings["calibrate"] += time.perf_counter() - t
     qreport = qmodel.zsq_report  # type: ignore[attr-defined]
     log.info("%s", qreport)
 
@@ -227,6 +239,8 @@ def run(cfg: RunConfig, *, out_dir: str | Path | None = None, progress: bool = T
         report["bit_plan"] = str(cfg.bit_plan)
     if hybrid_info is not None:
         report["hybrid"] = hybrid_info
+    if recover_report is not None:
+        report["recover"] = recover_report.to_dict()
 
     if eval_ds is not None:
         from .evaluate import compare

@@ -1,0 +1,423 @@
+"""Low-bit recovery on distilled data: learn what plain post-training quantization leaves on the table.
+
+One verb, :func:`recover`, with three methods behind a registry (see ``docs/recovery.md``):
+
+* ``adaround`` — learned rounding (AdaRound), layer by layer (:mod:`zsq.recover.adaround`);
+* ``brecq`` — block reconstruction: the roundings of a whole block, plus LSQ activation step sizes,
+  learned jointly on the block's output (:mod:`zsq.recover.brecq`);
+* ``finetune`` — quantization-aware fine-tuning with a KL loss to the float model, blocks unfrozen in
+  HAWQ order (:mod:`zsq.recover.finetune`).
+
+Usage (after :func:`zsq.calibrate`, before evaluation, saving or export)::
+
+    qmodel = zsq.quantize(folded, QuantConfig(wbits=4, abits=4, overrides={"@first": ..., "@last": ...}))
+    zsq.calibrate(qmodel, data)
+    report = recover(qmodel, fp32_model, data, RecoverConfig(method="brecq"))
+
+The result is an ordinary zsq quantized model: learned roundings are written into the float weights so
+that each layer's own nearest-rounding weight quantizer reproduces the learned integer codes exactly,
+and learned step sizes into the activation quantizers' ``scale`` buffers; checkpoints
+(:func:`zsq.checkpoint.save_quantized`) and ONNX export work unchanged. The model's train/eval modes and
+``requires_grad`` flags are restored afterwards, and on an exception its weights and scales too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..config import LARGE_INPUT_PIXELS, _JsonMixin
+from ..errors import ConfigError, NotCalibratedError
+from ..quant.modules import QUANT_LAYER_TYPES, ActQuantizer
+from ..state import frozen_eval
+from .blocks import SequentialResult, Unit, UnitRunner, find_units, float_weights, no_act
+
+log = logging.getLogger(__name__)
+
+__all__ = ["METHODS", "RecoverConfig", "RecoverReport", "UnitReport", "recover", "register_method", "find_units",
+           "method_defaults"]
+
+# method -> "module:function"; the function takes a RecoverContext and returns a list of UnitReport.
+_METHODS: dict[str, str] = {
+    "adaround": "zsq.recover.adaround:run",
+    "brecq": "zsq.recover.brecq:run",
+    "finetune": "zsq.recover.finetune:run",
+}
+METHODS = tuple(_METHODS)
+
+# Defaults filled in for fields left at None (see RecoverConfig). iters: per layer (adaround), per unit
+# (brecq), in total (finetune). Chosen on held-apart distilled data (docs/recovery.md).
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "adaround": {"iters": 200, "batch_size": 32, "lr": 3e-2, "act_lr": 1e-2, "learn_act_scale": False},
+    "brecq": {"iters": 300, "batch_size": 32, "lr": 1e-2, "act_lr": 1e-2, "learn_act_scale": True},
+    "finetune": {"iters": 600, "batch_size": 32, "lr": 1e-4, "act_lr": 1e-2, "learn_act_scale": True},
+}
+# For ImageNet-sized inputs (above LARGE_INPUT_PIXELS) one step costs ~50x a CIFAR step: smaller batches and
+# fewer steps keep EfficientNet-Lite0 within ~30 minutes on 2 CPU cores.
+_DEFAULTS_LARGE: dict[str, dict[str, Any]] = {
+    "adaround": {"iters": 100, "batch_size": 16},
+    "brecq": {"iters": 150, "batch_size": 16},
+    "finetune": {"iters": 200, "batch_size": 16},
+}
+UNFREEZE = ("hawq", "all")
+
+
+def register_method(name: str, target: str) -> None:
+    """Add (or replace) a recovery method: ``target`` is ``"package.module:function"`` taking a
+    :class:`RecoverContext` and returning a list of :class:`UnitReport`."""
+    global METHODS
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"method name must be a non-empty string, got {name!r}")
+    if ":" not in target:
+        raise ConfigError(f"method target must look like 'package.module:function', got {target!r}")
+    _METHODS[name] = target
+    _DEFAULTS.setdefault(name, dict(_DEFAULTS["brecq"]))
+    _DEFAULTS_LARGE.setdefault(name, dict(_DEFAULTS_LARGE["brecq"]))
+    METHODS = tuple(_METHODS)
+
+
+def method_defaults(method: str, input_size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The values :class:`RecoverConfig` uses for ``method`` where a field is left at ``None`` (for inputs of
+    ``input_size`` (H, W): ImageNet-sized inputs get smaller batches and fewer steps)."""
+    if method not in _METHODS:
+        raise ConfigError(f"recovery method {method!r} is not one of {', '.join(_METHODS)}")
+    out = dict(_DEFAULTS[method])
+    if input_size is not None and input_size[0] * input_size[1] > LARGE_INPUT_PIXELS:
+        out.update(_DEFAULTS_LARGE[method])
+    return out
+
+
+def _pos_int(v: Any, what: str, *, allow_zero: bool = False) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
+        raise ConfigError(f"RecoverConfig.{what} must be a {'non-negative' if allow_zero else 'positive'} integer, "
+                          f"got {v!r}")
+
+
+def _pos_float(v: Any, what: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v) > 0:
+        raise ConfigError(f"RecoverConfig.{what} must be a number > 0, got {v!r}")
+
+
+@dataclass(frozen=True)
+class RecoverConfig(_JsonMixin):
+    """Settings of :func:`recover`. Fields left at ``None`` take the method's default (:func:`method_defaults`).
+
+    ``iters``: optimisation steps per layer (adaround), per block (brecq) or in total (finetune);
+    ``batch_size``: inputs per step; ``lr``: Adam learning rate of the rounding variables (adaround,
+    brecq) or of the weights (finetune); ``act_lr``: Adam learning rate of the log step sizes (relative
+    change per step); ``learn_act_scale``: learn activation step sizes (LSQ; brecq, finetune);
+    ``drop_prob``: QDrop probability of leaving an activation element unquantized while reconstructing a
+    block (0 = off); ``reg_weight``, ``beta_start``, ``beta_end``, ``warmup``: AdaRound regulariser weight,
+    annealed exponent, and the fraction of steps before it starts; ``temperature``: of the finetune KL;
+    ``unfreeze``: ``"hawq"`` (units unfrozen one per stage, most Hessian-sensitive first) or ``"all"``;
+    ``hessian_iterations``: Hutchinson rounds for the HAWQ order; ``eval_batch_size``: batch of the
+    no-gradient passes that cache block inputs and targets; ``seed``: mini-batch sampling (and QDrop).
+    """
+
+    method: str = "brecq"
+    iters: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    act_lr: float | None = None
+    learn_act_scale: bool | None = None
+    drop_prob: float = 0.0
+    reg_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    temperature: float = 1.0
+    unfreeze: str = "hawq"
+    hessian_iterations: int = 8
+    eval_batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in _METHODS:
+            raise ConfigError(f"recovery method {self.method!r} is not one of {', '.join(_METHODS)}")
+        if self.iters is not None:
+            _pos_int(self.iters, "iters", allow_zero=True)
+        if self.batch_size is not None:
+            _pos_int(self.batch_size, "batch_size")
+        _pos_int(self.eval_batch_size, "eval_batch_size")
+        _pos_int(self.hessian_iterations, "hessian_iterations")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"RecoverConfig.seed must be an integer, got {self.seed!r}")
+        for name in ("lr", "act_lr"):
+            if getattr(self, name) is not None:
+                _pos_float(getattr(self, name), name)
+        for name in ("beta_start", "beta_end", "temperature"):
+            _pos_float(getattr(self, name), name)
+        if isinstance(self.reg_weight, bool) or not isinstance(self.reg_weight, (int, float)) or self.reg_weight < 0:
+            raise ConfigError(f"RecoverConfig.reg_weight must be >= 0, got {self.reg_weight!r}")
+        if not 0.0 <= float(self.warmup) < 1.0:
+            raise ConfigError(f"RecoverConfig.warmup must be a fraction in [0, 1), got {self.warmup!r}")
+        if not 0.0 <= float(self.drop_prob) < 1.0:
+            raise ConfigError(f"RecoverConfig.drop_prob must be in [0, 1), got {self.drop_prob!r}")
+        if self.unfreeze not in UNFREEZE:
+            raise ConfigError(f"RecoverConfig.unfreeze={self.unfreeze!r} is not one of {', '.join(UNFREEZE)}")
+        if self.learn_act_scale and self.method == "adaround":
+            raise ConfigError("adaround learns weight roundings only; use method='brecq' to also learn "
+                              "activation step sizes")
+
+    def resolved(self, input_size: tuple[int, int] | None = None) -> "RecoverConfig":
+        """This config with every ``None`` field replaced by the method's default (for ``input_size``)."""
+        d = method_defaults(self.method, input_size)
+        return dataclasses.replace(self, **{k: v for k, v in d.items() if getattr(self, k) is None})
+
+
+@dataclass
+class UnitReport:
+    """What recovery did to one unit (adaround/brecq) or in one fine-tuning stage (finetune).
+
+    ``metric`` names the loss: ``"mse"`` (mean squared error per element of the unit's output, measured with
+    the model's ordinary quantized forward before and after) or ``"kl"`` (fine-tuning loss, mean of the
+    first and last steps of the stage). ``holdout_*`` are the same on the held-apart inputs, when given.
+    """
+
+    name: str
+    kind: str
+    layers: list[str]
+    iterations: int
+    seconds: float
+    metric: str
+    loss_before: float
+    loss_after: float
+    holdout_before: float | None = None
+    holdout_after: float | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_sequential(cls, res: SequentialResult, *, iterations: int) -> "UnitReport":
+        return cls(name=res.unit.name, kind=res.unit.kind, layers=list(res.unit.layers), iterations=iterations,
+                   seconds=res.seconds, metric="mse", loss_before=res.mse_before, loss_after=res.mse_after,
+                   holdout_before=res.holdout_before, holdout_after=res.holdout_after, info=res.info)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RecoverReport:
+    """Result of :func:`recover`: per-unit reports, timings, and how far the codes moved.
+
+    ``changed_codes``: fraction of quantized weights whose integer code differs from nearest rounding of
+    the original float weights; ``max_code_change``: the largest such difference (1 for adaround/brecq).
+    ``holdout_kl_before/after``: mean KL(FP32 || quantized) on the held-apart inputs, when given.
+    """
+
+    method: str
+    config: dict[str, Any]
+    units: list[UnitReport]
+    seconds: float
+    num_inputs: int
+    changed_codes: float = 0.0
+    max_code_change: int = 0
+    holdout_kl_before: float | None = None
+    holdout_kl_after: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method, "config": self.config, "seconds": round(self.seconds, 3),
+            "num_inputs": self.num_inputs, "changed_codes": self.changed_codes,
+            "max_code_change": self.max_code_change, "holdout_kl_before": self.holdout_kl_before,
+            "holdout_kl_after": self.holdout_kl_after, "extra": self.extra,
+            "units": [u.to_dict() for u in self.units],
+        }
+
+    def __str__(self) -> str:
+        s = (f"{self.method}: {len(self.units)} unit(s)/stage(s) in {self.seconds:.1f}s, "
+             f"{100 * self.changed_codes:.1f}% of weight codes differ from nearest rounding")
+        if self.holdout_kl_before is not None and self.holdout_kl_after is not None:
+            s += f"; held-apart KL {self.holdout_kl_before:.4g} -> {self.holdout_kl_after:.4g}"
+        return s
+
+
+@dataclass
+class RecoverContext:
+    """What a method implementation gets (see :func:`register_method`)."""
+
+    qmodel: fx.GraphModule
+    fp32_model: nn.Module | None
+    inputs: torch.Tensor
+    holdout: torch.Tensor | None
+    config: RecoverConfig
+    device: torch.device
+    progress: bool
+    float_weights: dict[str, torch.Tensor]
+    generator: torch.Generator
+    units: list[Unit]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The float model's logits for ``x`` (the given FP32 model, else the quantized graph run with its
+        original float weights and quantizers off)."""
+        bs = self.config.eval_batch_size
+        outs = []
+        if self.fp32_model is not None:
+            for i in range(0, x.shape[0], bs):
+                outs.append(_logits(self.fp32_model(x[i:i + bs])))
+            return torch.cat(outs)
+        runner = UnitRunner.whole_model(self.qmodel)
+        return runner.batched(x, batch_size=bs, weight_fn=float_weights(self.float_weights), act_fn=no_act)
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    elif isinstance(out, Mapping) and "logits" in out:
+        out = out["logits"]
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(f"the FP32 model must return a logits tensor, got {type(out).__name__}")
+    return out
+
+
+def _method_impl(method: str) -> Callable[[RecoverContext], list[UnitReport]]:
+    mod_name, _, fn_name = _METHODS[method].partition(":")
+    return getattr(importlib.import_module(mod_name), fn_name)
+
+
+def _check_inputs(x: Any, what: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] == 0 or not x.is_floating_point():
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ConfigError(f"{what} must be a non-empty float batch of inputs (N, C, H, W), got {shape}; pass "
+                          "the distilled inputs (zsq.distill(...).inputs) or other calibration images")
+    return x
+
+
+def _check_model(qmodel: Any) -> fx.GraphModule:
+    if not isinstance(qmodel, fx.GraphModule) or not any(isinstance(m, QUANT_LAYER_TYPES) for m in qmodel.modules()):
+        raise ConfigError("recover needs the quantized model made by zsq.quantize(folded_model, QuantConfig(...)) "
+                          f"(a torch.fx.GraphModule with quantized layers), got {type(qmodel).__name__}")
+    acts = {n: m for n, m in qmodel.named_modules() if isinstance(m, ActQuantizer)}
+    missing = [n for n, m in acts.items() if m.enabled and not bool(m.calibrated)]
+    if missing:
+        raise NotCalibratedError(f"recover needs a calibrated model: {len(missing)} activation quantizer(s) have no "
+                                 f"range (e.g. {missing[0]!r}); run zsq.calibrate(qmodel, data) first")
+    observing = [n for n, m in acts.items() if m.observer is not None]
+    if observing:
+        raise ConfigError(f"activation quantizer {observing[0]!r} is still observing (inside zsq.calibrate?); "
+                          "call recover after calibration has finished")
+    return qmodel
+
+
+def _mean_kl(ref: torch.Tensor, cand: torch.Tensor) -> float:
+    log_p = torch.log_softmax(ref.double(), dim=1)
+    log_q = torch.log_softmax(cand.double(), dim=1)
+    return float((log_p.exp() * (log_p - log_q)).sum(dim=1).mean())
+
+
+@torch.no_grad()
+def _quantized_logits(qmodel: nn.Module, x: torch.Tensor, bs: int) -> torch.Tensor:
+    return torch.cat([_logits(qmodel(x[i:i + bs])) for i in range(0, x.shape[0], bs)])
+
+
+# Largest relative RMS difference tolerated between the FP32 model and the quantized graph run with its
+# weights as they are and quantizers off (BN folding alone gives ~1e-6).
+FLOAT_MATCH_TOL = 1e-3
+
+
+def recover(
+    qmodel: fx.GraphModule,
+    fp32_model: nn.Module | None,
+    calib_inputs: torch.Tensor,
+    config: RecoverConfig | None = None,
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    holdout_inputs: torch.Tensor | None = None,
+) -> RecoverReport:
+    """Recover the accuracy of the calibrated quantized model ``qmodel`` in place, on ``calib_inputs``.
+
+    ``fp32_model`` is the float model ``qmodel`` was made from (BN folding allowed); it gives the fine-tuning
+    targets and is used to check that ``qmodel`` still holds the float weights (not yet rounded: call
+    ``recover`` once, on the model straight from :func:`zsq.quantize` + :func:`zsq.calibrate`). ``None``
+    skips the check and uses ``qmodel`` with its quantizers off as the float model. ``holdout_inputs``
+    (optional, e.g. distilled with another seed) are only measured, never trained on: per-unit errors and
+    the KL to the float model before/after go into the report, for choosing settings without real images.
+    """
+    t_start = time.perf_counter()
+    cfg = (config or RecoverConfig())
+    if not isinstance(cfg, RecoverConfig):
+        raise ConfigError(f"config must be a zsq.recover.RecoverConfig, got {type(cfg).__name__}")
+    gm = _check_model(qmodel)
+    x = _check_inputs(calib_inputs, "calib_inputs")
+    cfg = cfg.resolved(tuple(x.shape[-2:]) if x.dim() == 4 else None)
+    h = _check_inputs(holdout_inputs, "holdout_inputs") if holdout_inputs is not None else None
+    if device is None:
+        p = next(gm.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    dev = torch.device(device)
+    gm.to(dev)
+    if fp32_model is not None:
+        fp32_model.to(dev)
+    x = x.to(dev)
+    h = h.to(dev) if h is not None else None
+    units = find_units(gm)
+    log.info("recover (%s): %d units, %d inputs, %d iterations", cfg.method, len(units), x.shape[0], cfg.iters)
+
+    fp_guard = frozen_eval(fp32_model) if fp32_model is not None else contextlib.nullcontext()
+    with frozen_eval(gm), fp_guard:
+        saved = {k: v.detach().clone() for k, v in gm.state_dict().items()}
+        try:
+            snapshot = {n: m.weight.detach().clone() for n, m in gm.named_modules() if isinstance(m, QUANT_LAYER_TYPES)}
+            ctx = RecoverContext(qmodel=gm, fp32_model=fp32_model, inputs=x, holdout=h, config=cfg, device=dev,
+                                 progress=progress, float_weights=snapshot,
+                                 generator=torch.Generator().manual_seed(cfg.seed), units=units)
+            _check_float_reference(ctx)
+            kl_before = kl_after = None
+            if h is not None:
+                ref_h = ctx.teacher_logits(h)
+                kl_before = _mean_kl(ref_h, _quantized_logits(gm, h, cfg.eval_batch_size))
+            unit_reports = _method_impl(cfg.method)(ctx)
+            if h is not None:
+                kl_after = _mean_kl(ref_h, _quantized_logits(gm, h, cfg.eval_batch_size))
+            changed, total, max_change = 0, 0, 0
+            with torch.no_grad():
+                for name, w0 in snapshot.items():
+                    mod = gm.get_submodule(name)
+                    if mod.weight_quantizer is None:
+                        continue
+                    d = (mod.weight_quantizer.integer(mod.weight) - mod.weight_quantizer.integer(w0)).abs()
+                    changed += int((d > 0).sum())
+                    total += d.numel()
+                    max_change = max(max_change, int(d.max()) if d.numel() else 0)
+        except BaseException:
+            gm.load_state_dict(saved)
+            raise
+    report = RecoverReport(method=cfg.method, config=cfg.to_dict(), units=unit_reports,
+                           seconds=time.perf_counter() - t_start, num_inputs=int(x.shape[0]),
+                           changed_codes=changed / max(total, 1), max_code_change=max_change,
+                           holdout_kl_before=kl_before, holdout_kl_after=kl_after, extra=ctx.extra)
+    log.info("%s", report)
+    return report
+
+
+def _check_float_reference(ctx: RecoverContext) -> None:
+    """The float weights in ``qmodel`` must still be the FP32 model's (not rounded by an earlier run)."""
+    if ctx.fp32_model is None:
+        return
+    x = ctx.inputs[: min(8, ctx.inputs.shape[0])]
+    with torch.no_grad():
+        ref = _logits(ctx.fp32_model(x)).double()
+        runner = UnitRunner.whole_model(ctx.qmodel)
+        got = runner(x, weight_fn=float_weights(ctx.float_weights), act_fn=no_act).double()
+    if ref.shape != got.shape:
+        raise ConfigError(f"fp32_model returns {tuple(ref.shape)} but the quantized model {tuple(got.shape)}: pass the "
+                          "float model the quantized model was made from")
+    rel = float((ref - got).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-12))
+    if rel > FLOAT_MATCH_TOL:
+        raise ConfigError(
+            f"the quantized model with its quantizers off differs from fp32_model (relative RMS {rel:.2e} > "
+            f"{FLOAT_MATCH_TOL:g}): recover needs the model straight from zsq.quantize + zsq.calibrate, whose float "
+            "weights are still the FP32 model's (was it recovered already, or made from another model?)")

@@ -1,0 +1,278 @@
+"""AdaRound (Nagel et al., 2020): learn, per weight, whether to round down or up.
+
+For a layer with weights ``W``, per-channel scale ``s`` and zero-point ``z`` (the layer's own
+:class:`~zsq.quant.modules.WeightQuantizer`), the soft-quantized weight is
+
+    W~ = s * (clamp(floor(W / s) + h(V) + z, qmin, qmax) - z)
+    h(V) = clip(sigmoid(V) * (zeta - gamma) + gamma, 0, 1),    zeta = 1.1, gamma = -0.1
+
+with one continuous variable ``V`` per weight, initialised so that ``h(V) = W/s - floor(W/s)`` (W~ = W
+inside the range). ``V`` minimises
+
+    ||f(W~ x_q) - f(W x)||^2  +  lambda * sum(1 - |2 h(V) - 1|^beta)
+
+where ``x_q`` is the layer's input in the quantized model (the earlier layers already rounded), ``x`` the
+float model's input, ``f`` the activation right after the layer (if any), and the regulariser, switched
+on after a warm-up, drives every ``h`` to 0 or 1 while ``beta`` is annealed from ``beta_start`` (only
+values near 0.5 are pushed) to ``beta_end``. The learned rounding is ``h = 1`` iff ``V >= 0``; every code
+is ``floor(W/s)`` or ``floor(W/s) + 1``, i.e. within one step of nearest rounding.
+
+:class:`LearnedRounding` and :func:`optimize_unit` are shared with BRECQ (:mod:`zsq.recover.brecq`),
+which applies the same rounding to all layers of a block at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..errors import ZsqError
+from ..quant.modules import QUANT_LAYER_TYPES, ActQuantizer
+from .blocks import (UnitData, UnitRunner, float_weights, layer_tail, module_act, no_act, quantized_weight,
+                     reconstruct_sequentially, reconstruction_loss, unit_progress)
+
+if TYPE_CHECKING:
+    from . import RecoverContext, RecoverConfig, UnitReport
+
+log = logging.getLogger(__name__)
+
+ZETA = 1.1
+GAMMA = -0.1
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """``h(V) = clip(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)``."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
+    """``V`` with ``h(V) = h`` for ``h`` in [0, 1] (finite everywhere)."""
+    p = (h.clamp(0.0, 1.0) - GAMMA) / (ZETA - GAMMA)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def rounding_regularizer(h: torch.Tensor, beta: float) -> torch.Tensor:
+    """``sum(1 - |2h - 1|^beta)``: 0 when every ``h`` is 0 or 1."""
+    return (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
+
+
+def beta_at(step: int, iters: int, *, warmup: float, start: float, end: float) -> float | None:
+    """Annealed exponent of the regulariser at ``step`` (``None`` during the warm-up: no regulariser)."""
+    first = int(warmup * iters)
+    if step < first:
+        return None
+    rel = (step - first) / max(1, iters - first)
+    return end + (start - end) * max(0.0, 1.0 - rel)
+
+
+def is_learnable(mod: nn.Module) -> bool:
+    """A layer whose weight rounding can be learned: quantized, with its weight quantizer on."""
+    return (isinstance(mod, QUANT_LAYER_TYPES) and mod.weight_quantizer is not None
+            and getattr(mod, "quant_enabled", True))
+
+
+class LearnedRounding:
+    """The learnable rounding of one layer's weights (see the module docstring)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        if not is_learnable(layer):
+            raise ZsqError(f"layer {type(layer).__name__} has no active weight quantizer; nothing to round")
+        wq = layer.weight_quantizer
+        w = layer.weight.detach()
+        shape = [-1] + [1] * (w.dim() - 1)
+        if wq.per_channel:
+            s = wq.scale.detach().to(w.dtype).reshape(shape)
+            z = wq.zero_point.detach().to(w.dtype).reshape(shape)
+        else:
+            s = wq.scale.detach().to(w.dtype)[0]
+            z = wq.zero_point.detach().to(w.dtype)[0]
+        self.layer = layer
+        self.scale, self.zero = s, z
+        self.qmin, self.qmax = wq.qrange
+        scaled = w / s
+        self.floor = torch.floor(scaled)
+        self.v = inverse_rectified_sigmoid(scaled - self.floor).detach().clone().requires_grad_(True)
+
+    def h(self) -> torch.Tensor:
+        return rectified_sigmoid(self.v)
+
+    def soft_weight(self) -> torch.Tensor:
+        q = torch.clamp(self.floor + self.h() + self.zero, self.qmin, self.qmax)
+        return (q - self.zero) * self.scale
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        return rounding_regularizer(self.h(), beta)
+
+    @torch.no_grad()
+    def codes(self) -> torch.Tensor:
+        """The learned integer codes (int32): ``floor(W/s) + [V >= 0] + z``, clamped to the grid."""
+        up = (self.v >= 0).to(self.floor.dtype)
+        return torch.clamp(self.floor + up + self.zero, self.qmin, self.qmax).to(torch.int32)
+
+    @torch.no_grad()
+    def bake(self) -> torch.Tensor:
+        """Write the learned codes into the layer's float weight as ``s * (codes - z)``, the value the
+        layer's own nearest-rounding quantizer maps back to exactly these codes. Returns the codes."""
+        codes = self.codes()
+        w = (codes.to(self.scale.dtype) - self.zero) * self.scale
+        self.layer.weight.copy_(w.to(self.layer.weight.dtype))
+        got = self.layer.weight_quantizer.integer(self.layer.weight)
+        if not torch.equal(got, codes):  # would mean the quantizer's scale changed under us
+            raise ZsqError("baking the learned rounding failed: the weight quantizer does not reproduce the "
+                           f"learned codes ({int((got != codes).sum())} differ)")
+        return codes
+
+    @property
+    def numel(self) -> int:
+        return self.v.numel()
+
+
+class StepLike(Protocol):
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def parameters(self) -> list[torch.Tensor]: ...
+
+
+def _cosine(lr: float, step: int, total: int) -> float:
+    return lr * 0.5 * (1.0 + math.cos(math.pi * step / max(1, total)))
+
+
+def optimize_unit(
+    runner: UnitRunner,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    roundings: Mapping[str, LearnedRounding],
+    steps: Mapping[str, StepLike],
+    config: "RecoverConfig",
+    generator: torch.Generator,
+    desc: str,
+    progress: bool,
+) -> dict[str, Any]:
+    """Minimise reconstruction error + rounding regulariser over ``roundings`` (and LSQ ``steps``).
+
+    Mini-batches of ``config.batch_size`` rows of ``x``/``target`` are drawn with ``generator``. Rounding
+    variables use Adam at ``config.lr`` (constant), step sizes Adam at ``config.act_lr`` (cosine decay).
+    With ``config.drop_prob > 0`` each activation quantizer of the unit passes each element through
+    unquantized with that probability (QDrop, Wei et al. 2022). Nothing is written into the model.
+    """
+    iters = int(config.iters)
+    groups = []
+    if roundings:
+        groups.append({"params": [r.v for r in roundings.values()], "lr": config.lr})
+    step_params = [p for s in steps.values() for p in s.parameters()]
+    if step_params:
+        groups.append({"params": step_params, "lr": config.act_lr})
+    if not groups or iters == 0:
+        return {"iterations": 0}
+    opt = torch.optim.Adam(groups)
+    n = x.shape[0]
+    bsz = min(config.batch_size, n)
+    drop = float(config.drop_prob)
+
+    def weight_fn(name: str, mod: nn.Module) -> torch.Tensor:
+        r = roundings.get(name)
+        return r.soft_weight() if r is not None else quantized_weight(name, mod)
+
+    def act_fn(name: str, mod: ActQuantizer, t: torch.Tensor) -> torch.Tensor:
+        s = steps.get(name)
+        out = s(t) if s is not None else mod(t)
+        if drop > 0 and mod.enabled:
+            keep_float = torch.rand(t.shape, generator=generator).to(t.device) < drop
+            out = torch.where(keep_float, t, out)
+        return out
+
+    first = last = rec_v = reg_v = float("nan")
+    bar = unit_progress(range(iters), desc=desc, progress=progress)
+    for it in bar:
+        idx = torch.randperm(n, generator=generator)[:bsz].to(x.device)
+        y = runner(x[idx], weight_fn=weight_fn, act_fn=act_fn)
+        rec = reconstruction_loss(y, target[idx])
+        beta = beta_at(it, iters, warmup=config.warmup, start=config.beta_start, end=config.beta_end)
+        loss = rec
+        reg = None
+        if beta is not None and roundings:
+            reg = config.reg_weight * sum(r.regularizer(beta) for r in roundings.values())
+            loss = rec + reg
+        if step_params:
+            opt.param_groups[-1]["lr"] = _cosine(config.act_lr, it, iters)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        rec_v = float(rec.detach())
+        reg_v = float(reg.detach()) if reg is not None else 0.0
+        if it == 0:
+            first = rec_v
+        last = rec_v
+        if it % 25 == 0 or it == iters - 1:
+            bar.set_postfix(rec=f"{rec_v:.4g}", reg=f"{reg_v:.4g}")
+    info: dict[str, Any] = {"iterations": iters, "rec_first": first, "rec_last": last, "reg_last": reg_v}
+    if roundings:
+        with torch.no_grad():
+            h = torch.cat([r.h().flatten() for r in roundings.values()])
+            info["undecided"] = float(((h > 0.01) & (h < 0.99)).float().mean())
+    return info
+
+
+def changed_codes(roundings: Sequence[LearnedRounding], nearest: Sequence[torch.Tensor]) -> tuple[int, int]:
+    """(codes that differ from nearest rounding, total codes)."""
+    diff = sum(int((r.codes() != q).sum()) for r, q in zip(roundings, nearest))
+    return diff, sum(r.numel for r in roundings)
+
+
+def run(ctx: "RecoverContext") -> list["UnitReport"]:
+    """AdaRound, layer by layer, in data-flow order; layers are visited block by block so that each layer's
+    input is the quantized model's own (all earlier layers already rounded)."""
+    from . import UnitReport
+
+    cfg = ctx.config
+    gm = ctx.qmodel
+    fw = float_weights(ctx.float_weights)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    total = len(ctx.units)
+
+    def train_block(unit: Any, runner: UnitRunner, data: UnitData) -> dict[str, Any]:
+        layers_info: dict[str, Any] = {}
+        index = ctx.units.index(unit)
+        for node_name in unit.nodes:
+            node = by_name[node_name]
+            mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+            if mod is None or not is_learnable(mod):
+                continue
+            name = str(node.target)
+            src = node.args[0]
+            (xl_q,) = runner.batched(data.xq, batch_size=cfg.eval_batch_size, capture=[src])
+            (xl_f,) = runner.batched(data.xf, batch_size=cfg.eval_batch_size, weight_fn=fw, act_fn=no_act,
+                                     capture=[src])
+            tail = layer_tail(gm, node)
+            lrun = UnitRunner(gm, [t.name for t in tail], src.name, tail[-1].name)
+            target = lrun.batched(xl_f, batch_size=cfg.eval_batch_size, weight_fn=fw, act_fn=no_act)
+            del xl_f
+            rounding = LearnedRounding(mod)
+            nearest = mod.weight_quantizer.integer(mod.weight.detach())
+            info = optimize_unit(lrun, xl_q, target, roundings={name: rounding}, steps={}, config=cfg,
+                                 generator=ctx.generator, desc=f"adaround {index + 1}/{total} {name}",
+                                 progress=ctx.progress)
+            diff, numel = changed_codes([rounding], [nearest])
+            rounding.bake()
+            info["changed_codes"] = diff / max(numel, 1)
+            layers_info[name] = info
+            del xl_q, target
+        return {"layers": layers_info}
+
+    reports = []
+    for res in reconstruct_sequentially(gm, ctx.units, ctx.inputs, ctx.holdout, snapshot=ctx.float_weights,
+                                        train_unit=train_block, eval_batch=cfg.eval_batch_size):
+        iters = sum(v.get("iterations", 0) for v in res.info["layers"].values())
+        reports.append(UnitReport.from_sequential(res, iterations=iters))
+        log.info("adaround %s: MSE %.4g -> %.4g (%d layers, %.1fs)", res.unit.name, res.mse_before, res.mse_after,
+                 len(res.info["layers"]), res.seconds)
+    return reports
+
+
+__all__ = ["ZETA", "GAMMA", "rectified_sigmoid", "inverse_rectified_sigmoid", "rounding_regularizer", "beta_at",
+           "LearnedRounding", "optimize_unit", "is_learnable", "run", "module_act"]

@@ -1,0 +1,152 @@
+"""BRECQ-style block reconstruction (Li et al., 2021) on distilled data.
+
+Block after block (residual blocks, MBConv blocks, or single layers; :func:`zsq.recover.blocks.find_units`),
+the roundings of all the block's layers (AdaRound variables, :class:`~zsq.recover.adaround.LearnedRounding`)
+and, optionally, the step sizes of the block's activation quantizers (LSQ, Esser et al., 2020) are
+learned jointly to minimise
+
+    ||B~(x_q) - B(x)||^2 + lambda * sum_layers sum(1 - |2 h(V) - 1|^beta)
+
+where ``B`` is the float block, ``B~`` the quantized block with soft rounding and learnable step sizes,
+``x`` the float model's input to the block and ``x_q`` the *quantized* model's input to it, i.e. the output
+of the already-reconstructed blocks before it (so errors of earlier blocks are compensated). The output
+includes the block's trailing activation and output quantizer.
+
+LSQ step sizes are parametrised as ``s = s0 * exp(u)`` (``s0``: the calibrated scale, ``u`` learned from
+0), so one learning rate suits every quantizer whatever its range; the gradient of the fake-quantized
+value with respect to ``s`` is LSQ's (``round(x/s) - x/s`` inside the range, the clip level outside),
+and with respect to ``x`` the straight-through estimator (1 inside the range, 0 outside). The zero-point stays as calibrated. After each block the hard roundings
+are written into the float weights and the step sizes into the quantizers' ``scale`` buffers.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..quant import primitives as P
+from ..quant.modules import ActQuantizer
+from .adaround import LearnedRounding, changed_codes, is_learnable, optimize_unit
+from .blocks import UnitData, UnitRunner, reconstruct_sequentially
+
+if TYPE_CHECKING:
+    from . import RecoverContext, UnitReport
+
+log = logging.getLogger(__name__)
+
+
+class _LsqFakeQuantize(torch.autograd.Function):
+    """Per-tensor fake quantization with LSQ gradients for both the input and the step size.
+
+    Forward: zsq's fake quantization (fused kernel). Backward, with ``v = round(x / s) + z``:
+    ``dy/dx = 1`` where ``qmin <= v <= qmax`` else 0; ``dy/ds = (y - x) / s`` inside the range and
+    ``y / s`` (the clip level ``qmin - z`` or ``qmax - z``) outside it.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
+                qmax: int) -> torch.Tensor:
+        y = P.fake_quantize(x.detach(), scale.detach(), zero_point, qmin, qmax)
+        ctx.save_for_backward(x, y, scale)
+        ctx.zq = (zero_point, qmin, qmax)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        x, y, s = ctx.saved_tensors
+        z, qmin, qmax = ctx.zq
+        s_ = s.to(x.dtype)
+        v = torch.round(x * (1.0 / s_)) + z.to(x.dtype)
+        inside = (v >= qmin) & (v <= qmax)
+        gx = grad * inside if ctx.needs_input_grad[0] else None
+        gs = None
+        if ctx.needs_input_grad[1]:
+            gs = (grad * torch.where(inside, y - x, y)).sum() / s_
+            gs = gs.reshape(s.shape).to(s.dtype)
+        return gx, gs, None, None, None
+
+
+def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
+                      qmax: int) -> torch.Tensor:
+    """Fake-quantize ``x`` with a learnable (0-dim) ``scale``; gradients as in LSQ (Esser et al., 2020)."""
+    return _LsqFakeQuantize.apply(x, scale, zero_point, qmin, qmax)
+
+
+class LearnedStepSize:
+    """Learnable step size of one :class:`~zsq.quant.modules.ActQuantizer`: ``s = s0 * exp(u)``."""
+
+    def __init__(self, quantizer: ActQuantizer) -> None:
+        self.quantizer = quantizer
+        self.s0 = quantizer.scale.detach().clone().float()
+        self.u = torch.zeros((), device=self.s0.device, requires_grad=True)
+
+    def scale(self) -> torch.Tensor:
+        return self.s0 * torch.exp(self.u)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.u]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.quantizer
+        if not q.enabled:
+            return x
+        qmin, qmax = q.qrange
+        return lsq_fake_quantize(x, self.scale(), q.zero_point, qmin, qmax)
+
+    @torch.no_grad()
+    def write(self) -> float:
+        """Store the learned step size in the quantizer's ``scale`` buffer; returns it."""
+        s = self.scale().to(self.quantizer.scale.dtype)
+        self.quantizer.scale.copy_(s.reshape(self.quantizer.scale.shape))
+        return float(s)
+
+
+def learnable_steps(gm: torch.nn.Module, names: list[str]) -> dict[str, LearnedStepSize]:
+    """LSQ step sizes for the enabled, calibrated activation quantizers among ``names``."""
+    out = {}
+    for name in names:
+        q = gm.get_submodule(name)
+        if isinstance(q, ActQuantizer) and q.enabled and bool(q.calibrated) and q.observer is None:
+            out[name] = LearnedStepSize(q)
+    return out
+
+
+def run(ctx: "RecoverContext") -> list["UnitReport"]:
+    from . import UnitReport
+
+    cfg = ctx.config
+    gm = ctx.qmodel
+    total = len(ctx.units)
+
+    def train_block(unit: Any, runner: UnitRunner, data: UnitData) -> dict[str, Any]:
+        index = ctx.units.index(unit)
+        layers = {name: gm.get_submodule(name) for name in unit.layers}
+        roundings = {name: LearnedRounding(m) for name, m in layers.items() if is_learnable(m)}
+        nearest = [r.layer.weight_quantizer.integer(r.layer.weight.detach()) for r in roundings.values()]
+        steps = learnable_steps(gm, unit.act_quantizers) if cfg.learn_act_scale else {}
+        info = optimize_unit(runner, data.xq, data.yf, roundings=roundings, steps=steps, config=cfg,
+                             generator=ctx.generator, desc=f"brecq {index + 1}/{total} {unit.name}",
+                             progress=ctx.progress)
+        diff, numel = changed_codes(list(roundings.values()), nearest)
+        for r in roundings.values():
+            r.bake()
+        scales = {}
+        for name, s in steps.items():
+            old = float(s.s0)
+            scales[name] = {"from": old, "to": s.write()}
+        info["changed_codes"] = diff / max(numel, 1)
+        info["act_scales"] = scales
+        return info
+
+    reports = []
+    for res in reconstruct_sequentially(gm, ctx.units, ctx.inputs, ctx.holdout, snapshot=ctx.float_weights,
+                                        train_unit=train_block, eval_batch=cfg.eval_batch_size):
+        reports.append(UnitReport.from_sequential(res, iterations=int(res.info.get("iterations", 0))))
+        log.info("brecq %s (%s): MSE %.4g -> %.4g in %.1fs", res.unit.name, res.unit.kind, res.mse_before,
+                 res.mse_after, res.seconds)
+    return reports
+
+
+__all__ = ["LearnedStepSize", "learnable_steps", "lsq_fake_quantize", "run"]

@@ -1,0 +1,405 @@
+"""Low-bit recovery (zsq.recover): reconstruction units from the graph, AdaRound / BRECQ / fine-tuning on
+(random stand-ins for) distilled data, baking into an ordinary zsq model, state restoration, determinism,
+mixed precision, checkpoints and ONNX export. Everything runs on the tiny test model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import zsq
+from zsq.config import LayerOverride, QuantConfig
+from zsq.errors import ConfigError, NotCalibratedError
+from zsq.models import load_model
+from zsq.quant import primitives as P
+from zsq.quant.modules import QUANT_LAYER_TYPES, ActQuantizer
+from zsq.recover import METHODS, RecoverConfig, find_units, method_defaults, recover
+from zsq.recover.adaround import (GAMMA, ZETA, LearnedRounding, beta_at, inverse_rectified_sigmoid,
+                                  rectified_sigmoid, rounding_regularizer)
+from zsq.recover.blocks import UnitRunner, float_weights, no_act
+from zsq.recover.brecq import LearnedStepSize, lsq_fake_quantize
+
+ITERS = 40
+W4A4_FL8 = dict(wbits=4, abits=4, overrides={"@first": LayerOverride(wbits=8, abits=8),
+                                            "@last": LayerOverride(wbits=8, abits=8)})
+
+
+def tiny_float() -> nn.Module:
+    model, _ = load_model("tiny_cnn")  # fixed-seed random init
+    with torch.no_grad():
+        model.fc.weight.mul_(20.0)  # peaked predictions: a KL that quantization visibly moves
+    return model.eval()
+
+
+def inputs(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def make_quantized(float_model: nn.Module, calib: torch.Tensor, **cfg) -> nn.Module:
+    folded, _ = zsq.fold_batchnorm(float_model)
+    qmodel = zsq.quantize(folded, QuantConfig(**(cfg or W4A4_FL8)))
+    zsq.calibrate(qmodel, calib, progress=False)
+    return qmodel
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    fp32 = tiny_float()
+    train, holdout = inputs(64, 1), inputs(48, 2)
+    qmodel = make_quantized(fp32, train)
+    return fp32, qmodel, train, holdout
+
+
+@pytest.fixture(scope="module")
+def recovered(setup):
+    """{method: (recovered model, report, float weights before)} with the test budget."""
+    fp32, qmodel, train, holdout = setup
+    out = {}
+    for method in METHODS:
+        q = clone(qmodel)
+        before = {n: m.weight.detach().clone() for n, m in q.named_modules() if isinstance(m, QUANT_LAYER_TYPES)}
+        report = recover(q, fp32, train, RecoverConfig(method=method, iters=ITERS if method != "finetune" else 60,
+                                                        batch_size=16), progress=False, holdout_inputs=holdout)
+        out[method] = (q, report, before)
+    return out
+
+
+def clone(qmodel: nn.Module) -> nn.Module:
+    """Deep copy of a quantized model (GraphModule's deepcopy drops zsq's attributes: put them back)."""
+    out = copy.deepcopy(qmodel)
+    for attr in ("zsq_config", "zsq_report"):
+        setattr(out, attr, getattr(qmodel, attr))
+    return out
+
+
+def logits_mse(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((a(x) - b(x)).pow(2).mean())
+
+
+# ------------------------------------------------------------------------------------------------
+# Units from the graph
+# ------------------------------------------------------------------------------------------------
+
+
+def test_units_of_the_tiny_model(setup):
+    _, qmodel, _, _ = setup
+    units = find_units(qmodel)
+    assert [(u.name, u.kind, u.layers) for u in units] == [
+        ("conv1", "layer", ["conv1"]), ("conv2", "residual", ["conv2"]), ("conv3", "layer", ["conv3"]),
+        ("conv4", "layer", ["conv4"]), ("fc", "layer", ["fc"])]
+    # the residual block ends with its ReLU and output quantizer; pooling belongs to the classifier
+    assert units[1].act_quantizers[-1] == "zsq_act_relu2"
+    assert "pool" in units[-1].nodes and units[-1].input == "relu4"
+    # every node in exactly one unit, in order
+    names = [n for u in units for n in u.nodes]
+    body = [n.name for n in qmodel.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    assert names == body
+
+
+def test_units_of_resnet20_and_lite0():
+    for name, expect in [("cifar_resnet20", {"layer": 2, "residual": 9}),
+                         ("efficientnet_lite0", {"layer": 3, "residual": 9, "mbconv": 7})]:
+        model, _ = load_model(name, pretrained=False)
+        folded, _ = zsq.fold_batchnorm(model.eval())
+        units = find_units(zsq.quantize(folded, QuantConfig(), inplace=True))
+        kinds = {k: sum(u.kind == k for u in units) for k in expect}
+        assert kinds == expect, name
+    lite = {u.name: u for u in units}
+    assert lite["_blocks.1"].layers == ["_blocks.1._expand_conv", "_blocks.1._depthwise_conv",
+                                        "_blocks.1._project_conv"]
+    assert lite["_blocks.0"].layers == ["_blocks.0._depthwise_conv", "_blocks.0._project_conv"]
+    assert lite["_conv_stem"].kind == "layer"
+
+
+def test_units_chain_back_to_the_whole_model(setup):
+    fp32, qmodel, train, _ = setup
+    units = find_units(qmodel)
+    snapshot = {n: m.weight.detach() for n, m in qmodel.named_modules() if isinstance(m, QUANT_LAYER_TYPES)}
+    xq = xf = train[:8]
+    for u in units:
+        r = UnitRunner.for_unit(qmodel, u)
+        xq = r.batched(xq, batch_size=4)
+        xf = r.batched(xf, batch_size=4, weight_fn=float_weights(snapshot), act_fn=no_act)
+    with torch.no_grad():
+        assert torch.equal(xq, qmodel(train[:8]))
+        torch.testing.assert_close(xf, fp32(train[:8]), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Primitives
+# ------------------------------------------------------------------------------------------------
+
+
+def test_rectified_sigmoid_and_regulariser():
+    h = torch.linspace(0, 1, 11)
+    torch.testing.assert_close(rectified_sigmoid(inverse_rectified_sigmoid(h)), h, atol=1e-5, rtol=0)
+    v = torch.tensor([-50.0, 0.0, 50.0])
+    torch.testing.assert_close(rectified_sigmoid(v), torch.tensor([0.0, 0.5, 1.0]))
+    assert float(torch.sigmoid(torch.tensor(0.3)) * (ZETA - GAMMA) + GAMMA) == pytest.approx(
+        float(rectified_sigmoid(torch.tensor(0.3))))
+    assert float(rounding_regularizer(torch.tensor([0.0, 1.0, 1.0]), 2.0)) == 0.0
+    assert float(rounding_regularizer(torch.tensor([0.5]), 2.0)) == 1.0
+    assert beta_at(0, 100, warmup=0.2, start=20, end=2) is None
+    assert beta_at(20, 100, warmup=0.2, start=20, end=2) == 20
+    assert beta_at(99, 100, warmup=0.2, start=20, end=2) == pytest.approx(2.225)
+
+
+@pytest.mark.parametrize("cfg", [dict(wbits=4), dict(wbits=3, weight_granularity="per_tensor"),
+                                 dict(wbits=4, weight_symmetric=False)])
+def test_baked_weights_reproduce_the_learned_codes(setup, cfg):
+    fp32, _, train, _ = setup
+    qmodel = make_quantized(fp32, train[:16], **cfg)
+    g = torch.Generator().manual_seed(3)
+    for name, layer in qmodel.named_modules():
+        if not isinstance(layer, QUANT_LAYER_TYPES):
+            continue
+        wq = layer.weight_quantizer
+        nearest = wq.integer(layer.weight.detach())
+        r = LearnedRounding(layer)
+        with torch.no_grad():  # initial soft weight = the float weight (inside the range)
+            inside = (nearest > wq.qrange[0]) & (nearest < wq.qrange[1])
+            torch.testing.assert_close(r.soft_weight()[inside], layer.weight[inside], rtol=0, atol=1e-6)
+            r.v.copy_(torch.randn(r.v.shape, generator=g) * 3)
+        codes = r.bake()
+        assert torch.equal(wq.integer(layer.weight), codes), name
+        s = wq.scale if wq.per_channel else wq.scale[0]
+        z = wq.zero_point if wq.per_channel else wq.zero_point[0]
+        expect = P.dequantize(codes, s, z, axis=wq.axis)
+        assert torch.equal(layer.quantized_weight().detach(), expect), name
+        assert int((codes - nearest).abs().max()) <= 1, name  # within one step of nearest rounding
+        qmin, qmax = wq.qrange
+        assert int(codes.min()) >= qmin and int(codes.max()) <= qmax
+
+
+def test_lsq_gradients():
+    x = torch.tensor([-1.0, 0.26, 0.74, 1.49, 3.0, 9.0], requires_grad=True)
+    s = torch.tensor(0.5, requires_grad=True)
+    z = torch.tensor(2, dtype=torch.int32)
+    y = lsq_fake_quantize(x, s, z, 0, 7)  # range [-1, 2.5]
+    torch.testing.assert_close(y.detach(), torch.tensor([-1.0, 0.5, 0.5, 1.5, 2.5, 2.5]))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([1.0, 1, 1, 1, 0, 0]))
+    # LSQ: (round(x/s) - x/s) inside, clip level (q - z) outside
+    expect = (-1 - -1) / 0.5 + (0.5 - 0.26) / 0.5 + (0.5 - 0.74) / 0.5 + (1.5 - 1.49) / 0.5 + 5 + 5
+    assert float(s.grad) == pytest.approx(expect, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# The methods
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["adaround", "brecq"])
+def test_reconstruction_lowers_block_error_on_held_apart_data(setup, recovered, method):
+    fp32, qmodel, _, holdout = setup
+    q, report, _ = recovered[method]
+    assert [u.name for u in report.units] == [u.name for u in find_units(qmodel)]
+    before = sum(u.holdout_before for u in report.units)
+    after = sum(u.holdout_after for u in report.units)
+    assert after < before, [(u.name, u.holdout_before, u.holdout_after) for u in report.units]
+    if method == "brecq":  # joint reconstruction with LSQ: every block improves
+        assert after < 0.8 * before
+        for u in report.units:
+            assert u.holdout_after < u.holdout_before, u.name
+    assert logits_mse(fp32, q, holdout) < logits_mse(fp32, qmodel, holdout)
+    assert report.holdout_kl_after < report.holdout_kl_before
+
+
+def test_finetune_lowers_held_apart_kl_in_hawq_order(setup, recovered):
+    fp32, qmodel, _, holdout = setup
+    q, report, _ = recovered["finetune"]
+    assert report.holdout_kl_after < report.holdout_kl_before
+    assert logits_mse(fp32, q, holdout) < logits_mse(fp32, qmodel, holdout)
+    order = report.extra["order"]
+    omegas = [o["omega"] for o in order]
+    assert omegas == sorted(omegas, reverse=True) and omegas[0] > 0
+    assert [u.name for u in report.units] == [o["unit"] for o in order]  # one stage per newly unfrozen unit
+    assert report.units[-1].info["trainable_units"] == [o["unit"] for o in order]
+    assert sum(u.iterations for u in report.units) == 60
+
+
+@pytest.mark.parametrize("method", ["adaround", "brecq"])
+def test_rounding_stays_within_one_step_of_nearest(recovered, method):
+    q, report, before = recovered[method]
+    assert report.max_code_change == 1 and 0 < report.changed_codes < 0.5
+    for name, w0 in before.items():
+        wq = q.get_submodule(name).weight_quantizer
+        codes = wq.integer(q.get_submodule(name).weight)
+        s = (wq.scale.reshape(-1, *[1] * (w0.dim() - 1)) if wq.per_channel else wq.scale[0])
+        low = torch.clamp(torch.floor(w0 / s), *wq.qrange)
+        assert bool(((codes - low >= 0) & (codes - low <= 1)).all()), name  # floor or ceil of W/s
+        assert int((codes - wq.integer(w0)).abs().max()) <= 1, name
+
+
+def test_brecq_learns_activation_step_sizes(setup, recovered):
+    _, qmodel, _, _ = setup
+    q, report, _ = recovered["brecq"]
+    moved = [n for n, m in q.named_modules() if isinstance(m, ActQuantizer)
+             and float(m.scale) != float(qmodel.get_submodule(n).scale)]
+    assert moved
+    for u in report.units:
+        for n, sc in u.info["act_scales"].items():
+            assert float(q.get_submodule(n).scale) == pytest.approx(sc["to"])
+    q_ada, _, _ = recovered["adaround"]
+    for n, m in q_ada.named_modules():  # adaround: weights only
+        if isinstance(m, ActQuantizer):
+            assert torch.equal(m.scale, qmodel.get_submodule(n).scale)
+
+
+def test_deterministic_under_a_seed(setup):
+    fp32, qmodel, train, _ = setup
+    runs = []
+    for seed in (5, 5, 6):
+        q = clone(qmodel)
+        recover(q, fp32, train, RecoverConfig(method="brecq", iters=15, batch_size=8, drop_prob=0.25, seed=seed),
+                progress=False)
+        runs.append(q.state_dict())
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[1][k]), k
+    assert any(not torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+
+
+@pytest.mark.parametrize("method,target", [("brecq", "zsq.recover.brecq.optimize_unit"),
+                                           ("finetune", "zsq.recover.finetune.distillation_kl")])
+def test_state_restored_after_an_exception(setup, monkeypatch, method, target):
+    fp32, qmodel, train, _ = setup
+    q = clone(qmodel)
+    q.conv2.train()
+    q.fc.bias.requires_grad_(False)
+    q.get_submodule("zsq_act_relu3").enabled = False
+    fp32.fc.train()
+    modes = {n: m.training for n, m in q.named_modules()}
+    flags = {n: p.requires_grad for n, p in q.named_parameters()}
+    fp_modes = {n: m.training for n, m in fp32.named_modules()}
+    fp_flags = {n: p.requires_grad for n, p in fp32.named_parameters()}
+    enabled = {n: m.enabled for n, m in q.named_modules() if isinstance(m, ActQuantizer)}
+    state = {k: v.clone() for k, v in q.state_dict().items()}
+    module, _, fn_name = target.rpartition(".")
+    original = getattr(__import__(module, fromlist=[fn_name]), fn_name)
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, failing)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            recover(q, fp32, train, RecoverConfig(method=method, iters=10, batch_size=8), progress=False)
+        fp_after = {n: m.training for n, m in fp32.named_modules()}
+    finally:
+        fp32.fc.eval()
+    assert len(calls) == 3
+    assert {n: m.training for n, m in q.named_modules()} == modes
+    assert {n: p.requires_grad for n, p in q.named_parameters()} == flags
+    assert fp_after == fp_modes and fp_after["fc"]
+    assert {n: p.requires_grad for n, p in fp32.named_parameters()} == fp_flags
+    assert {n: m.enabled for n, m in q.named_modules() if isinstance(m, ActQuantizer)} == enabled
+    assert all(m.observer is None for m in q.modules() if isinstance(m, ActQuantizer))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in q.modules())
+    for k, v in q.state_dict().items():  # weights and scales rolled back (brecq baked two units already)
+        assert torch.equal(v, state[k]), k
+
+
+def test_mixed_precision_model(setup):
+    fp32, _, train, holdout = setup
+    cfg = dict(wbits=4, abits=6, overrides={"conv1": {"wbits": 8}, "conv2": {"wbits": 3}, "conv3": {"wbits": 2},
+                                            "conv4": {"wbits": 5, "abits": 8}, "fc": {"wbits": 6}})
+    qmodel = make_quantized(fp32, train, **cfg)
+    q = clone(qmodel)
+    report = recover(q, fp32, train, RecoverConfig(method="brecq", iters=ITERS, batch_size=16), progress=False,
+                     holdout_inputs=holdout)
+    assert report.max_code_change == 1
+    for name, bits in {"conv1": 8, "conv2": 3, "conv3": 2, "conv4": 5, "fc": 6}.items():
+        wq = q.get_submodule(name).weight_quantizer
+        assert wq.bits == bits
+        codes = wq.integer(q.get_submodule(name).weight)
+        assert int(codes.abs().max()) <= 2 ** (bits - 1) - 1
+    assert report.holdout_kl_after < report.holdout_kl_before
+
+
+# ------------------------------------------------------------------------------------------------
+# The result is an ordinary zsq model
+# ------------------------------------------------------------------------------------------------
+
+
+def test_recovered_model_saves_and_loads(recovered, tmp_path):
+    from zsq.checkpoint import load_quantized, save_quantized
+
+    q, _, _ = recovered["brecq"]
+    save_quantized(q, tmp_path / "ckpt", model_name="tiny_cnn")
+    again, _, meta = load_quantized(tmp_path / "ckpt")
+    x = inputs(8, 9)
+    with torch.no_grad():
+        assert torch.equal(again(x), q(x))
+    assert meta["calibrated"]
+
+
+def test_recovered_model_exports_to_onnx(recovered, tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from zsq.export import compare_onnx, export_onnx, snap_biases
+
+    q = clone(recovered["brecq"][0])
+    snap_biases(q)
+    path = tmp_path / "recovered.int8.onnx"
+    report = export_onnx(q, path, example_input=torch.zeros(1, 3, 16, 16))
+    assert report.float_convs == 0
+    res = compare_onnx(q, path, inputs(32, 10))
+    assert res["max_diff_steps"] <= 1.0 and res["agreement"] >= 95.0, res
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration and errors
+# ------------------------------------------------------------------------------------------------
+
+
+def test_config_defaults_and_validation():
+    for m in METHODS:
+        cfg = RecoverConfig(method=m).resolved()
+        assert all(getattr(cfg, k) is not None for k in method_defaults(m))
+    assert RecoverConfig(method="brecq", iters=7).resolved().iters == 7
+    small, large = RecoverConfig().resolved((32, 32)), RecoverConfig().resolved((224, 224))
+    assert large.batch_size < small.batch_size and large.iters < small.iters  # ImageNet-sized steps cost ~50x
+    assert RecoverConfig(batch_size=8).resolved((224, 224)).batch_size == 8
+    cfg = RecoverConfig(method="finetune", iters=3, unfreeze="all")
+    assert RecoverConfig.from_dict(cfg.to_dict()) == cfg
+    for bad in [dict(method="magic"), dict(iters=-1), dict(batch_size=0), dict(lr=0.0), dict(warmup=1.0),
+                dict(drop_prob=1.0), dict(unfreeze="random"), dict(method="adaround", learn_act_scale=True),
+                dict(reg_weight=-1.0), dict(seed=1.5)]:
+        with pytest.raises(ConfigError):
+            RecoverConfig(**bad)
+
+
+def test_input_errors(setup):
+    fp32, qmodel, train, _ = setup
+    folded, _ = zsq.fold_batchnorm(fp32)
+    uncalibrated = zsq.quantize(folded, QuantConfig(wbits=4, abits=4))
+    with pytest.raises(NotCalibratedError):
+        recover(uncalibrated, fp32, train, RecoverConfig(iters=1), progress=False)
+    with pytest.raises(ConfigError):
+        recover(fp32, fp32, train, RecoverConfig(iters=1), progress=False)
+    with pytest.raises(ConfigError):
+        recover(clone(qmodel), fp32, torch.empty(0, 3, 16, 16), RecoverConfig(iters=1), progress=False)
+    with pytest.raises(ConfigError):
+        recover(clone(qmodel), fp32, train, {"method": "brecq"}, progress=False)
+    other, _ = load_model("tiny_cnn", pretrained=False)
+    with pytest.raises(ConfigError, match="differs from fp32_model"):
+        recover(clone(qmodel), other.eval(), train, RecoverConfig(iters=1), progress=False)
+
+
+def test_recovering_twice_is_refused(recovered, setup):
+    fp32, _, train, _ = setup
+    q = clone(recovered["adaround"][0])
+    with pytest.raises(ConfigError, match="recovered already"):
+        recover(q, fp32, train, RecoverConfig(iters=1), progress=False)
+    # without the FP32 model the check is skipped (the rounded weights become the reference)
+    report = recover(q, None, train, RecoverConfig(method="adaround", iters=2), progress=False)
+    assert report.max_code_change <= 1
