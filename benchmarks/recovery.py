@@ -139,7 +139,8 @@ def run_model(name: str, args: argparse.Namespace, emit) -> None:
     for (label, method), rows in per.items():
         top1s = [r["top1"] for r in rows]
         emit({"model": name, "setting": label, "method": method, "summary": True, "seeds": len(rows),
-              "top1": statistics.mean(top1s), "spread": max(top1s) - min(top1s), "drop": fp_top1 - statistics.mean(top1s),
+              "top1": statistics.mean(top1s), "spread": max(top1s) - min(top1s),
+              "drop": fp_top1 - statistics.mean(top1s),
               "agreement": statistics.mean(r["agreement"] for r in rows),
               "recover_s": statistics.mean(r["recover_s"] for r in rows),
               "distill_s": statistics.mean(r["distill_s"] for r in rows),

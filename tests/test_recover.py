@@ -20,7 +20,7 @@ from zsq.recover import METHODS, RecoverConfig, find_units, method_defaults, rec
 from zsq.recover.adaround import (GAMMA, ZETA, LearnedRounding, beta_at, inverse_rectified_sigmoid,
                                   rectified_sigmoid, rounding_regularizer)
 from zsq.recover.blocks import UnitRunner, float_weights, no_act
-from zsq.recover.brecq import LearnedStepSize, lsq_fake_quantize
+from zsq.recover.brecq import lsq_fake_quantize
 
 ITERS = 40
 W4A4_FL8 = dict(wbits=4, abits=4, overrides={"@first": LayerOverride(wbits=8, abits=8),

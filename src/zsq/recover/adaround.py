@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from ..errors import ZsqError
 from ..quant.modules import QUANT_LAYER_TYPES, ActQuantizer
-from .blocks import (UnitData, UnitRunner, float_weights, layer_tail, module_act, no_act, quantized_weight,
+from .blocks import (UnitData, UnitRunner, float_weights, layer_tail, no_act, quantized_weight,
                      reconstruct_sequentially, reconstruction_loss, unit_progress)
 
 if TYPE_CHECKING:
@@ -275,4 +275,4 @@ def run(ctx: "RecoverContext") -> list["UnitReport"]:
 
 
 __all__ = ["ZETA", "GAMMA", "rectified_sigmoid", "inverse_rectified_sigmoid", "rounding_regularizer", "beta_at",
-           "LearnedRounding", "optimize_unit", "is_learnable", "run", "module_act"]
+           "LearnedRounding", "optimize_unit", "is_learnable", "changed_codes", "run"]

@@ -15,8 +15,9 @@ includes the block's trailing activation and output quantizer.
 LSQ step sizes are parametrised as ``s = s0 * exp(u)`` (``s0``: the calibrated scale, ``u`` learned from
 0), so one learning rate suits every quantizer whatever its range; the gradient of the fake-quantized
 value with respect to ``s`` is LSQ's (``round(x/s) - x/s`` inside the range, the clip level outside),
-and with respect to ``x`` the straight-through estimator (1 inside the range, 0 outside). The zero-point stays as calibrated. After each block the hard roundings
-are written into the float weights and the step sizes into the quantizers' ``scale`` buffers.
+and with respect to ``x`` the straight-through estimator (1 inside the range, 0 outside). The zero-point
+stays as calibrated. After each block the hard roundings are written into the float weights and the step
+sizes into the quantizers' ``scale`` buffers.
 """
 
 from __future__ import annotations

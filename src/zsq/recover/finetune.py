@@ -26,13 +26,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..quant.modules import QUANT_LAYER_TYPES, ActQuantizer
+from ..quant.modules import ActQuantizer
 from .adaround import is_learnable
 from .blocks import LAYER_TYPES, Unit, UnitRunner, quantized_weight, unit_progress
 from .brecq import learnable_steps
