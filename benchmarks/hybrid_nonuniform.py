@@ -20,10 +20,10 @@ from __future__ import annotations
 import os
 import sys
 
-# Allocator settings and OpenMP's wait policy are read at process start: set them and re-exec once.
-_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296", "OMP_WAIT_POLICY": "PASSIVE"}
-if __name__ == "__main__" and any(k not in os.environ for k in _ENV) and os.environ.get("ZSQ_BENCH_REEXEC") != "1":
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**_ENV, **os.environ, "ZSQ_BENCH_REEXEC": "1"})
+from _bench import CIFAR, IMAGENET, RESNET_WEIGHTS, ROOT, ensure_runtime_env  # noqa: E402
+
+if __name__ == "__main__":
+    ensure_runtime_env()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -43,14 +43,6 @@ from zsq.models import load_model  # noqa: E402
 from zsq.quant import weight_layers  # noqa: E402
 from zsq.size import fp32_size_bytes, quantized_size_bytes  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-CIFAR = SHARED / "data" / "cifar10-test" / "cifar10_test.npz"
-IMAGENET = SHARED / "data" / "imagenet-sample-500"
-RESNET_WEIGHTS = {
-    "cifar_resnet20": SHARED / "models" / "resnet-cifar10-akamaster" / "resnet20-12fca82f.th",
-    "cifar_resnet32": SHARED / "models" / "resnet-cifar10-akamaster" / "resnet32-d509ac18.th",
-}
 MODELS = ("cifar_resnet20", "cifar_resnet32", "efficientnet_lite0")
 HYBRID_SETTINGS = ((8, 8), (6, 6))
 NONUNIFORM_SETTINGS = ((4, 8), (3, 8))

@@ -12,12 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from .cli_types import MODEL_HELP, pos_int as _pos_int
 from .errors import ConfigError, ZsqError
 
 log = logging.getLogger("zsq")
-
-MODEL_HELP = ("a registry name (see `zsq models`), torchvision:NAME, or package.module:factory "
-              "(imported from the current directory / PYTHONPATH; needs --weights)")
 
 
 def _bits(s: str) -> int:
@@ -31,16 +29,6 @@ def _bits(s: str) -> int:
         return check_bits(v, "bits")
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _pos_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
 
 
 OVERRIDE_RE = re.compile(r"^(?:(float)|(?:w(\d))?(?:a(\d))?(?:,?(pc|pt))?(?:,?(nu|uni))?)$")

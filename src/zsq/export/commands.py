@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from ..cli_types import pos_int as _pos_int
 from ..errors import ConfigError, ExportError
 from .onnx_qdq import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, WEIGHT_TYPES
 
@@ -23,16 +24,6 @@ def _opset(s: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer ONNX opset, got {s!r}") from None
     if not MIN_OPSET <= v <= MAX_OPSET:
         raise argparse.ArgumentTypeError(f"opset {v} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
-    return v
-
-
-def _pos_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
     return v
 
 

@@ -11,22 +11,9 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from ..cli_types import MODEL_HELP, HandlerMap, pos_int as _pos_int
 from ..errors import ConfigError
 from .candidates import ACCEPTED_FORMS
-
-HandlerMap = dict[str, Callable[[argparse.Namespace], int]]
-MODEL_HELP = ("a registry name (see `zsq models`), torchvision:NAME, or package.module:factory "
-              "(imported from the current directory / PYTHONPATH; needs --weights)")
-
-
-def _pos_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
 
 
 def add_commands(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) -> HandlerMap:

@@ -16,12 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from ..cli_types import MODEL_HELP, HandlerMap, pos_int as _pos_int, pos_float as _pos_float
 from ..errors import ConfigError
-
-HandlerMap = dict[str, Callable[[argparse.Namespace], int]]
-
-_MODEL_HELP = ("a registry name (see `zsq models`), torchvision:NAME, or package.module:factory "
-               "(imported from the current directory / PYTHONPATH; needs --weights)")
 
 
 def _bits_list(text: str) -> tuple[int, ...]:
@@ -31,26 +27,6 @@ def _bits_list(text: str) -> tuple[int, ...]:
         return parse_bits(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _pos_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _pos_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
-    return v
 
 
 def _add_method_args(p: argparse.ArgumentParser, *, prefix: str = "") -> None:
@@ -236,7 +212,7 @@ def add_commands(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]
                     "bit width, on distilled data (no real data needed).",
         epilog="Example: zsq sensitivity cifar_resnet20 --weights resnet20.th --method kl --bits 2,4,8 "
                "--out table.json --plot sens.png")
-    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--weights", metavar="PATH", help="weights file (state_dict .pt/.pth/.th or .safetensors)")
     p.add_argument("--method", choices=("kl", "hessian"), default="kl", help="kl (ZeroQ, default) or hessian (HAWQ)")
     p.add_argument("--bits", type=_bits_list, default=DEFAULT_BITS,
