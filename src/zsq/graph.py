@@ -57,6 +57,21 @@ def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 ADD_TARGETS: tuple[Any, ...] = (operator.add, operator.iadd, torch.add, torch.Tensor.add, "add", "add_")
 
 
+_RELU_MODULES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+_RELU_FUNCTIONS: tuple[Any, ...] = (torch.relu, torch.relu_, torch.nn.functional.relu, torch.nn.functional.relu_,
+                                    torch.nn.functional.relu6)
+
+
+def is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` is a ReLU or ReLU6 (module, function or ``x.relu()``): a clamp whose lower bound is 0."""
+    mod = module_of(gm, node)
+    if mod is not None:
+        return isinstance(mod, _RELU_MODULES)
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
 def is_add(node: fx.Node) -> bool:
     """Whether ``node`` is an elementwise tensor addition (``a + b``, ``torch.add``, ``x.add(y)``)."""
     if node.op in ("call_function", "call_method") and node.target in ADD_TARGETS:

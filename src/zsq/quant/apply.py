@@ -3,7 +3,10 @@
 Where quantizers go (what an int8 runtime such as ONNX Runtime's QDQ format needs):
 * every Conv/Linear weight (per output channel or per tensor);
 * the activation tensors that feed a quantized Conv/Linear (this includes the network input);
-* both inputs and the output of every residual addition.
+* both inputs and the output of every residual addition; when the sum's only consumer is a ReLU/ReLU6
+  (ResNet's ``relu(x + shortcut)``), the output quantizer goes after that ReLU instead: one quantizer
+  rather than two in a row, a range that starts at 0 (finer steps), and the ``Add -> ReLU -> Q`` shape
+  that an int8 runtime runs as one fused kernel (ONNX Runtime: QLinearAdd).
 A tensor with several consumers gets one quantizer shared by all of them (one Q/DQ pair).
 """
 
@@ -21,7 +24,7 @@ import torch.nn as nn
 
 from ..config import LayerOverride, QuantConfig
 from ..errors import ConfigError
-from ..graph import is_add, module_of, trace
+from ..graph import is_add, is_relu, module_of, trace
 from ..scope import matches, validate_patterns
 from .modules import QUANT_LAYER_TYPES, QUANT_MODULE_FOR, ActQuantizer, WeightQuantizer
 from .nonuniform import NonUniformWeightQuantizer
@@ -187,7 +190,11 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
         elif is_add(node):
             want(node.args[0], config.abits)
             want(node.args[1], config.abits)
-            want(node, config.abits)
+            users = list(node.users)
+            if len(users) == 1 and is_relu(gm, users[0]):
+                want(users[0], config.abits)
+            else:
+                want(node, config.abits)
 
     # 3. Insert one ActQuantizer after each point, in graph order; rewire all consumers.
     report = QuantReport(layers=plans)
