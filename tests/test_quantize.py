@@ -16,6 +16,7 @@ from zsq.calibrate import calibrate
 from zsq.config import LayerOverride, QuantConfig
 from zsq.errors import ConfigError, NotCalibratedError, ScopeError, ZsqError
 from zsq.fold import fold_batchnorm
+from zsq.graph import is_add as is_add_node
 from zsq.graph import is_relu
 from zsq.quant import ActQuantizer, QuantConv2d, QuantLinear, WeightQuantizer, act_quantizers, quantize, weight_layers
 from zsq.quant import primitives as P
@@ -203,6 +204,41 @@ def test_placement_add_variants_and_conv1d(seed):
         assert all(_is_aq(q, u) for u in add.users)
     x = torch.randn(4, 2, 10, generator=torch.Generator().manual_seed(0))
     calibrate(q, x, estimator="minmax", **NO_PROGRESS)
+    with torch.no_grad():
+        assert _rel_err(q(x), model(x)) < 0.02
+
+
+class AddReluNet(nn.Module):
+    """relu(a + b) written functionally, and a sum that a ReLU *and* another layer read."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.c3 = nn.Conv2d(4, 4, 1)
+        self.c4 = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        a = self.c1(x)
+        b = F.relu(self.c2(a) + a)  # the sum's only reader is the ReLU: quantize after it
+        s = self.c3(b) + b  # read by a ReLU and by c4: quantize the sum itself
+        return self.c4(s) + torch.relu(s)
+
+
+def test_add_relu_quantized_once_after_the_relu(seed):
+    model = AddReluNet().eval()
+    q = quantize(model)
+    check_placement_invariants(q)
+    adds = [n for n in q.graph.nodes if is_add_node(n)]
+    first, second, last = adds
+    (relu,) = first.users
+    assert not _is_aq(q, relu)  # the sum goes straight into the ReLU ...
+    assert [_is_aq(q, u) for u in relu.users] == [True]  # ... and only the ReLU's output is quantized
+    assert all(_is_aq(q, u) for u in second.users)  # two readers: the sum itself is quantized
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    calibrate(q, x, estimator="minmax", **NO_PROGRESS)
+    relu_q = next(iter(relu.users))
+    assert int(q.get_submodule(str(relu_q.target)).zero_point) == 0  # range starts at 0: no codes wasted
     with torch.no_grad():
         assert _rel_err(q(x), model(x)) < 0.02
 
