@@ -202,6 +202,13 @@ def test_recover_runs_and_exports(tmp_path, capsys, method):
     assert r["export"]["int8"]["ort"]["float_convs"] == 0
 
 
-def test_recover_iters_without_recover(tmp_path, capsys):
-    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--recover-iters", "3", "--out", tmp_path / "x", *FAST)
+@pytest.mark.parametrize("flag", [("--recover-iters", "3"), ("--recover-drop-prob", "0.3")])
+def test_recover_options_without_recover(tmp_path, capsys, flag):
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", *flag, "--out", tmp_path / "x", *FAST)
     assert rc == 2 and "--recover" in err and "Traceback" not in err
+
+
+def test_recover_drop_prob_out_of_range(tmp_path, capsys):
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--recover", "brecq", "--recover-drop-prob", "1.5",
+                     "--out", tmp_path / "x", *FAST)
+    assert rc == 2 and "drop_prob" in err and "Traceback" not in err

@@ -369,10 +369,14 @@ def test_config_defaults_and_validation():
     small, large = RecoverConfig().resolved((32, 32)), RecoverConfig().resolved((224, 224))
     assert large.batch_size < small.batch_size and large.iters < small.iters  # ImageNet-sized steps cost ~50x
     assert RecoverConfig(batch_size=8).resolved((224, 224)).batch_size == 8
+    # QDrop is on for block reconstruction only, and an explicit value (even 0) wins
+    assert RecoverConfig(method="brecq").resolved().drop_prob == 0.5
+    assert RecoverConfig(method="adaround").resolved().drop_prob == 0.0
+    assert RecoverConfig(method="brecq", drop_prob=0.0).resolved().drop_prob == 0.0
     cfg = RecoverConfig(method="finetune", iters=3, unfreeze="all")
     assert RecoverConfig.from_dict(cfg.to_dict()) == cfg
     for bad in [dict(method="magic"), dict(iters=-1), dict(batch_size=0), dict(lr=0.0), dict(warmup=1.0),
-                dict(drop_prob=1.0), dict(unfreeze="random"), dict(method="adaround", learn_act_scale=True),
+                dict(drop_prob=1.0), dict(drop_prob=-0.1), dict(drop_prob=True), dict(unfreeze="random"), dict(method="adaround", learn_act_scale=True),
                 dict(reg_weight=-1.0), dict(seed=1.5)]:
         with pytest.raises(ConfigError):
             RecoverConfig(**bad)

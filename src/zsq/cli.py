@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recover-iters", type=_pos_int, default=None,
                    help="steps per layer (adaround) / per block (brecq) / in total (finetune); default per method")
     g.add_argument("--recover-batch-size", type=_pos_int, default=None, help="inputs per step (default 32)")
+    g.add_argument("--recover-drop-prob", type=float, default=None, metavar="P",
+                   help="QDrop: probability of leaving an activation unquantized while reconstructing, in [0, 1) "
+                        "(default 0.5 for brecq, 0 for adaround/finetune)")
     _add_distill_args(p)
     from .sensitivity.commands import add_mixed_precision_args
 
@@ -257,9 +260,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         rcfg = RecoverConfig(method=args.recover, iters=args.recover_iters,
                              **({"batch_size": args.recover_batch_size} if args.recover_batch_size else {}),
-                             seed=args.seed)
-    elif args.recover_iters is not None or args.recover_batch_size is not None:
-        raise ConfigError("--recover-iters / --recover-batch-size need --recover adaround|brecq|finetune")
+                             drop_prob=args.recover_drop_prob, seed=args.seed)
+    elif (args.recover_iters, args.recover_batch_size, args.recover_drop_prob) != (None, None, None):
+        raise ConfigError("--recover-iters / --recover-batch-size / --recover-drop-prob need "
+                          "--recover adaround|brecq|finetune")
     cfg = RunConfig(model=args.model, weights=args.weights, quant=qcfg, distill=_distill_config(args), calib=calib,
                     calib_size=args.calib_size, eval=args.eval, eval_split=args.eval_split,
                     eval_limit=args.eval_limit, device=args.device, seed=args.seed, mixed_precision=mp_cfg,

@@ -57,9 +57,12 @@ METHODS = tuple(_METHODS)
 # Defaults filled in for fields left at None (see RecoverConfig). iters: per layer (adaround), per unit
 # (brecq), in total (finetune). Chosen on held-apart distilled data (docs/recovery.md).
 _DEFAULTS: dict[str, dict[str, Any]] = {
-    "adaround": {"iters": 200, "batch_size": 32, "lr": 3e-2, "act_lr": 1e-2, "learn_act_scale": False},
-    "brecq": {"iters": 300, "batch_size": 32, "lr": 1e-2, "act_lr": 1e-2, "learn_act_scale": True},
-    "finetune": {"iters": 600, "batch_size": 32, "lr": 1e-4, "act_lr": 1e-2, "learn_act_scale": True},
+    "adaround": {"iters": 200, "batch_size": 32, "lr": 3e-2, "act_lr": 1e-2, "learn_act_scale": False,
+                 "drop_prob": 0.0},
+    "brecq": {"iters": 300, "batch_size": 32, "lr": 1e-2, "act_lr": 1e-2, "learn_act_scale": True,
+              "drop_prob": 0.5},
+    "finetune": {"iters": 600, "batch_size": 32, "lr": 1e-4, "act_lr": 1e-2, "learn_act_scale": True,
+                 "drop_prob": 0.0},
 }
 # For ImageNet-sized inputs (above LARGE_INPUT_PIXELS) one step costs ~50x a CIFAR step: smaller batches and
 # fewer steps keep EfficientNet-Lite0 within ~30 minutes on 2 CPU cores.
@@ -116,7 +119,7 @@ class RecoverConfig(_JsonMixin):
     brecq) or of the weights (finetune); ``act_lr``: Adam learning rate of the log step sizes (relative
     change per step); ``learn_act_scale``: learn activation step sizes (LSQ; brecq, finetune);
     ``drop_prob``: QDrop probability of leaving an activation element unquantized while reconstructing a
-    block (0 = off); ``reg_weight``, ``beta_start``, ``beta_end``, ``warmup``: AdaRound regulariser weight,
+    block (0 = off; brecq's default is 0.5); ``reg_weight``, ``beta_start``, ``beta_end``, ``warmup``: AdaRound regulariser weight,
     annealed exponent, and the fraction of steps before it starts; ``temperature``: of the finetune KL;
     ``unfreeze``: ``"hawq"`` (units unfrozen one per stage, most Hessian-sensitive first) or ``"all"``;
     ``hessian_iterations``: Hutchinson rounds for the HAWQ order; ``eval_batch_size``: batch of the
@@ -129,7 +132,7 @@ class RecoverConfig(_JsonMixin):
     lr: float | None = None
     act_lr: float | None = None
     learn_act_scale: bool | None = None
-    drop_prob: float = 0.0
+    drop_prob: float | None = None
     reg_weight: float = 0.01
     beta_start: float = 20.0
     beta_end: float = 2.0
@@ -160,7 +163,9 @@ class RecoverConfig(_JsonMixin):
             raise ConfigError(f"RecoverConfig.reg_weight must be >= 0, got {self.reg_weight!r}")
         if not 0.0 <= float(self.warmup) < 1.0:
             raise ConfigError(f"RecoverConfig.warmup must be a fraction in [0, 1), got {self.warmup!r}")
-        if not 0.0 <= float(self.drop_prob) < 1.0:
+        if self.drop_prob is not None and (isinstance(self.drop_prob, bool)
+                                           or not isinstance(self.drop_prob, (int, float))
+                                           or not 0.0 <= float(self.drop_prob) < 1.0):
             raise ConfigError(f"RecoverConfig.drop_prob must be in [0, 1), got {self.drop_prob!r}")
         if self.unfreeze not in UNFREEZE:
             raise ConfigError(f"RecoverConfig.unfreeze={self.unfreeze!r} is not one of {', '.join(UNFREEZE)}")
