@@ -473,8 +473,8 @@ def analysis(results: list[dict[str, Any]], env: dict[str, Any]) -> list[str]:
         "QuantizeLinear; the average pool is quantized right away (QLinearGlobalAveragePool); a 1x1 conv whose "
         "output stays float is an integer MatMulInteger on NHWC codes (u8s8 with 7-bit weights) instead of "
         "ConvInteger. What remains different from ORT's graphs comes from zsq's quantizer placement, not from "
-        "the export: zsq quantizes a residual sum and again the ReLU after it (one QLinearAdd pass more per "
-        "ResNet block), and leaves EfficientNet's head conv output unquantized (MatMulInteger with float "
+        "the export: zsq requantizes the option-A shortcut of a CIFAR ResNet (the strided Slice + zero Pad of a "
+        "block input gets its own grid: one QLinearAdd `+ 0` pass at each of the 2 downsampling blocks), and leaves EfficientNet's head conv output unquantized (MatMulInteger with float "
         "scaling, clipping and pooling, where ORT uses QLinearConv and QLinearGlobalAveragePool).",
         "",
         "On a CPU with AVX-512 VNNI or AVX-VNNI VPDPBUSD accumulates in 32 bits, int8 weights are exact, and "
