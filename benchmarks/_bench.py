@@ -7,6 +7,9 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 CIFAR = SHARED / "data" / "cifar10-test" / "cifar10_test.npz"
@@ -26,3 +29,43 @@ def ensure_runtime_env() -> None:
     if any(k not in os.environ for k in RUNTIME_ENV) and os.environ.get("ZSQ_BENCH_REEXEC") != "1":
         os.execve(sys.executable, [sys.executable, *sys.argv],
                   {**RUNTIME_ENV, **os.environ, "ZSQ_BENCH_REEXEC": "1"})
+
+
+# ----------------------------------------------------------------------------------------------
+# ONNX Runtime's own static quantization (the peer rows of deploy.py and accuracy.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def ort_quantize_static(fp32_path: Path, out: Path, calib: torch.Tensor, *, reduce_range: bool) -> Path:
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": calib[i:i + 8].numpy()} for i in range(0, calib.shape[0], 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    src = fp32_path
+    try:  # ORT's recommended pre-processing (shape inference + graph optimisation)
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        pre = out.with_suffix(".pre.onnx")
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        src = pre
+    except Exception as exc:  # pragma: no cover - depends on the ORT version
+        print(f"quant_pre_process failed ({exc}); quantizing the FP32 export as it is", file=sys.stderr)
+    quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, reduce_range=reduce_range)
+    return out
+
+
+def onnx_logits(path: Path, x: torch.Tensor, *, threads: int, batch: int = 100) -> np.ndarray:
+    from zsq.export import load_session
+
+    sess = load_session(path, threads=threads)
+    name = sess.get_inputs()[0].name
+    xs = x.numpy()
+    return np.concatenate([sess.run(None, {name: xs[i:i + batch]})[0] for i in range(0, xs.shape[0], batch)])

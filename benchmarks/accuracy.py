@@ -8,7 +8,9 @@ Regenerate the table in BENCHMARKS.md (section "Accuracy"):
 Rows: FP32, then each setting (W8A8, W6A6, W4A8, W4A4, W4A8 and W4A4 with first/last layer at 8 bits)
 calibrated on Gaussian noise, zsq distilled data (3 seeds: mean and spread), and real images that
 are NOT in the evaluated set (upper bound). Peer rows: ONNX Runtime's quantize_static (QDQ,
-per-channel, MinMax) at W8A8 on the same Gaussian / real inputs, when onnxruntime is installed.
+per-channel int8 weights, uint8 activations, MinMax; also with reduce_range = 7-bit weights, which
+cannot saturate ORT's u8s8 kernels on CPUs without VNNI) at W8A8 on the same Gaussian / real inputs,
+when onnxruntime is installed (--no-peers skips them).
 
 Held-apart split: the real calibration images are the LAST `--real-calib` images of each set
 (CIFAR: images[-32:] of the 5,000 JPEG test images; ImageNet sample: the last 32 of 500 in
@@ -22,16 +24,21 @@ import json
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import zsq
 from zsq.config import DistillConfig, QuantConfig
 from zsq.data import load_dataset
-from zsq.evaluate import compare
+from zsq.evaluate import compare, logits_of
 from zsq.models import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import onnx_logits, ort_quantize_static  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODELS = {
@@ -115,6 +122,44 @@ def run_model(name: str, args) -> list[dict]:
             print(f"  {label:<22} {src:<18} top-1 {row['top1']:.2f} (drop {row['drop']:+.2f}"
                   + (f", spread {row['spread']:.2f}" if row["spread"] is not None else "")
                   + f") agreement {row['agreement']:.2f}", flush=True)
+    if args.peers:
+        rows += peer_rows(name, model, eval_ds, sources, fp_top1, args)
+    return rows
+
+
+def peer_rows(name: str, model: torch.nn.Module, eval_ds, sources: dict, fp_top1: float, args) -> list[dict]:
+    """ONNX Runtime's own quantize_static (QDQ, per-channel int8 weights, uint8 activations, MinMax) at W8A8,
+    calibrated on the same Gaussian and held-apart real inputs as zsq's rows, evaluated on the same images."""
+    try:
+        import onnxruntime  # noqa: F401
+        from zsq.export import export_fp32_onnx
+    except ImportError as exc:
+        print(f"skip ONNX Runtime peer rows for {name}: {exc}", file=sys.stderr)
+        return []
+    xs = torch.stack([img for img, _ in eval_ds])
+    labels = np.array([int(lab) for _, lab in eval_ds])
+    fp_pred = logits_of(model, xs).argmax(1).numpy()
+    rows = []
+    with tempfile.TemporaryDirectory() as td:
+        fp_path = Path(td) / "fp32.onnx"
+        export_fp32_onnx(model, fp_path, example_input=xs[:1])
+        for src in ("gaussian", "real (held apart)"):
+            x = sources[src][0][0]
+            for reduce_range in (False, True):
+                label = "ORT quantize_static" + (", reduce_range" if reduce_range else "") + f", {src}"
+                t = time.perf_counter()
+                path = ort_quantize_static(fp_path, Path(td) / f"ort_{len(rows)}.onnx", x, reduce_range=reduce_range)
+                calib_s = time.perf_counter() - t
+                t = time.perf_counter()
+                pred = onnx_logits(path, xs, threads=args.threads).argmax(1)
+                top1 = float(100.0 * np.mean(pred == labels))
+                row = {"model": name, "setting": "W8A8", "source": label, "top1": top1, "top1_seeds": [top1],
+                       "spread": None, "drop": fp_top1 - top1, "agreement": float(100.0 * np.mean(pred == fp_pred)),
+                       "distill_s": 0.0, "calibrate_s": calib_s, "eval_s": time.perf_counter() - t,
+                       "peak_mb": peak_mb(), "n": int(xs.shape[0])}
+                rows.append(row)
+                print(f"  W8A8 {label:<48} top-1 {top1:.2f} (drop {row['drop']:+.2f}) agreement "
+                      f"{row['agreement']:.2f}", flush=True)
     return rows
 
 
@@ -141,6 +186,8 @@ def main() -> None:
     ap.add_argument("--real-calib", type=int, default=32)
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N images (smoke runs)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-peers", dest="peers", action="store_false",
+                    help="skip the ONNX Runtime quantize_static peer rows")
     ap.add_argument("--out", default="benchmarks/accuracy.json")
     ap.add_argument("--md", default=None)
     args = ap.parse_args()

@@ -41,10 +41,13 @@ import zsq
 from zsq.config import DistillConfig, QuantConfig
 from zsq.data import iter_batches, load_dataset
 from zsq.evaluate import logits_of
-from zsq.export import (export_fp32_onnx, export_onnx, layer_parity, load_session, logit_step, ort_op_counts,
+from zsq.export import (export_fp32_onnx, export_onnx, layer_parity, logit_step, ort_op_counts,
                         snap_biases)
 from zsq.export.bench import advice_for, bench, bench_cpu_time, environment, profile_ops
 from zsq.pipeline import RunConfig, run
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import onnx_logits, ort_quantize_static  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -83,42 +86,9 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def ort_quantize_static(fp32_path: Path, out: Path, calib: torch.Tensor, *, reduce_range: bool) -> Path:
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"input": calib[i:i + 8].numpy()} for i in range(0, calib.shape[0], 8)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    src = fp32_path
-    try:  # ORT's recommended pre-processing (shape inference + graph optimisation)
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
-        pre = out.with_suffix(".pre.onnx")
-        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        src = pre
-    except Exception as exc:  # pragma: no cover - depends on the ORT version
-        log(f"quant_pre_process failed ({exc}); quantizing the FP32 export as it is")
-    quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax, reduce_range=reduce_range)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Accuracy of ONNX models
 # ----------------------------------------------------------------------------------------------
-
-
-def onnx_logits(path: Path, x: torch.Tensor, *, threads: int, batch: int = 100) -> np.ndarray:
-    sess = load_session(path, threads=threads)
-    name = sess.get_inputs()[0].name
-    xs = x.numpy()
-    return np.concatenate([sess.run(None, {name: xs[i:i + batch]})[0] for i in range(0, xs.shape[0], batch)])
 
 
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:
