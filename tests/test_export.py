@@ -121,15 +121,16 @@ def test_every_node_of_the_exported_graph_is_used(tiny_export):
 def test_ort_runs_every_conv_as_an_int8_kernel(tiny_export):
     _, report = tiny_export
     assert report.float_convs == 0, report.ort_ops
-    assert report.int8_convs == 4  # 3 QLinearConv + the 1x1 head conv (feeds the pool) as MatMulInteger
-    assert report.ort_ops.get("QLinearConv") == 3 and report.ort_ops.get("MatMulInteger") == 1
+    assert report.int8_convs == 4  # the 1x1 head conv too: its output is quantized before the pool
+    assert report.ort_ops.get("QLinearConv") == 4 and "MatMulInteger" not in report.ort_ops
+    assert report.ort_ops.get("QLinearGlobalAveragePool") == 1
     assert report.int8_gemms == 1 and report.float_gemms == 0  # the Linear: QGemm
     # the residual sum with the ReLU after it: one quantizer after the ReLU, so one fused QLinearAdd
     # (no second requantization pass)
     assert report.ort_ops.get("QLinearAdd") == 1
     assert "DequantizeLinear" not in report.ort_ops  # no float islands between the integer kernels
     lowerings = {l.name: l.lowering for l in report.layers}
-    assert lowerings == {"conv1": "qdq", "conv2": "qdq", "conv3": "qdq", "conv4": "matmul_integer", "fc": "qdq"}
+    assert lowerings == {"conv1": "qdq", "conv2": "qdq", "conv3": "qdq", "conv4": "qdq", "fc": "qdq"}
 
 
 def test_report_round_trips_to_json(tiny_export):
@@ -514,7 +515,8 @@ def test_efficientnet_lite0_every_conv_int8_and_parity(tmp_path):
     snap_biases(qmodel)
     report = export_onnx(qmodel, tmp_path / "lite0.onnx", example_input=torch.zeros(1, 3, 224, 224))
     assert report.float_convs == 0 and report.int8_convs == 49, report.ort_ops
-    assert report.ort_ops.get("MatMulInteger") == 1  # the 1x1 head conv, whose output feeds the average pool
+    # the 1x1 head conv (its output, quantized before the average pool) and the pool run in int8
+    assert "MatMulInteger" not in report.ort_ops and report.ort_ops.get("QLinearGlobalAveragePool") == 1
     assert not any(op in report.ops for op in ("Pad",))  # TF-SAME padding merged into the conv pads
     try:
         images = require_shared("data", "imagenet-sample-500")
@@ -597,3 +599,40 @@ def test_cli_export_of_uncalibrated_checkpoint_fails_cleanly(cli, tmp_path):
 def test_cli_bad_input(cli, tmp_path, argv, needle):
     code, _, stderr = cli(*(a.format(tmp=tmp_path) for a in argv))
     assert code == 2 and needle in stderr, stderr
+
+
+class _PointwiseHeadNet(nn.Module):
+    """conv -> BN -> ReLU -> 1x1 conv whose output is the model's (float) output, as in a dense head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.relu(self.bn(self.conv(x))))
+
+
+def test_pointwise_conv_with_float_output_runs_as_matmul_integer(tmp_path):
+    torch.manual_seed(0)
+    model = _PointwiseHeadNet().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    folded, _ = zsq.fold_batchnorm(model)
+    qmodel = zsq.quantize(folded, QuantConfig())
+    zsq.calibrate(qmodel, torch.randn(16, 3, 8, 8), progress=False)
+    snap_biases(qmodel)
+    path = tmp_path / "head.onnx"
+    report = export_onnx(qmodel, path, example_input=torch.zeros(1, 3, 8, 8))
+    assert {l.name: l.lowering for l in report.layers} == {"conv": "qdq", "head": "matmul_integer"}
+    assert report.float_convs == 0 and report.ort_ops.get("MatMulInteger") == 1
+    x = torch.randn(4, 3, 8, 8)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        ref = qmodel(x).numpy()
+    assert got.shape == ref.shape == (4, 4, 8, 8)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * float(np.abs(ref).max()) + 1e-5)

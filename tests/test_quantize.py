@@ -159,15 +159,18 @@ def test_placement_tiny_cnn(tiny_model):
     q = quantize(_folded(tiny_model))
     # conv1..conv4 + fc; quantizers: input, relu1 (conv2 input + add input), conv2 out (add input),
     # relu2 = relu(add) (the sum's only consumer is that ReLU, so its quantizer sits after it; also
-    # conv3's input), relu3 (conv4 input), flatten (fc input).
+    # conv3's input), relu3 (conv4 input), relu4 (conv4's output feeds the average pool: quantized
+    # there so that an integer runtime keeps conv4 and the pool in int8), flatten (fc input).
     assert q.zsq_report.num_weight_quantizers == 5
-    assert q.zsq_report.num_act_quantizers == 6
+    assert q.zsq_report.num_act_quantizers == 7
+    pool = next(n for n in q.graph.nodes if n.name == "pool")
+    assert _is_aq(q, pool.args[0]) and str(pool.args[0].target) == "zsq_act_relu4"
     add = next(n for n in q.graph.nodes if n.op == "call_function" and "add" in n.name)
     assert not any(_is_aq(q, u) for u in add.users)  # no quantizer between the sum and its ReLU
     assert q.zsq_report.bn_remaining == 0
     check_placement_invariants(q)
     assert "num_act_quantizers" in q.zsq_report.to_dict()
-    assert "6 activation quantizers" in str(q.zsq_report)
+    assert "7 activation quantizers" in str(q.zsq_report)
 
 
 class AddVariantsNet(nn.Module):

@@ -94,7 +94,7 @@ def test_units_of_the_tiny_model(setup):
         ("conv4", "layer", ["conv4"]), ("fc", "layer", ["fc"])]
     # the residual block ends with its ReLU and output quantizer; pooling belongs to the classifier
     assert units[1].act_quantizers[-1] == "zsq_act_relu2"
-    assert "pool" in units[-1].nodes and units[-1].input == "relu4"
+    assert "pool" in units[-1].nodes and units[-1].input == "zsq_act_relu4"
     # every node in exactly one unit, in order
     names = [n for u in units for n in u.nodes]
     body = [n.name for n in qmodel.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
@@ -174,6 +174,47 @@ def test_baked_weights_reproduce_the_learned_codes(setup, cfg):
         assert int((codes - nearest).abs().max()) <= 1, name  # within one step of nearest rounding
         qmin, qmax = wq.qrange
         assert int(codes.min()) >= qmin and int(codes.max()) <= qmax
+
+
+@pytest.mark.parametrize("cfg", [dict(wbits=4), dict(wbits=3, weight_granularity="per_tensor")])
+def test_learned_weight_scale_is_baked_into_the_quantizer(setup, cfg):
+    fp32, _, train, _ = setup
+    qmodel = make_quantized(fp32, train[:16], **cfg)
+    g = torch.Generator().manual_seed(4)
+    for name, layer in qmodel.named_modules():
+        if not isinstance(layer, QUANT_LAYER_TYPES):
+            continue
+        wq = layer.weight_quantizer
+        s0 = wq.scale.detach().clone()
+        r = LearnedRounding(layer, learn_scale=True)
+        (u,) = r.scale_parameters()
+        assert u.requires_grad and u.numel() == s0.numel()
+        with torch.no_grad():
+            base = r.soft_weight().clone()
+            u.copy_(torch.randn(u.shape, generator=g) * 0.2)
+            # the codes do not move with the scale: the soft weight is the old one times exp(u)
+            factor = torch.exp(u).reshape(-1, *[1] * (base.dim() - 1)) if wq.per_channel else torch.exp(u)
+            torch.testing.assert_close(r.soft_weight(), base * factor)
+        codes_before = r.codes()
+        codes = r.bake()
+        assert torch.equal(codes, codes_before)
+        torch.testing.assert_close(wq.scale, s0 * torch.exp(u.detach()).reshape(s0.shape))
+        assert torch.equal(wq.integer(layer.weight), codes), name
+
+
+def test_brecq_with_learned_weight_scales(setup):
+    fp32, qmodel, train, holdout = setup
+    q = clone(qmodel)
+    report = recover(q, fp32, train, RecoverConfig(method="brecq", iters=ITERS, batch_size=16,
+                                                   learn_weight_scale=True, weight_scale_lr=1e-2),
+                     progress=False, holdout_inputs=holdout)
+    moved = [n for n, m in q.named_modules() if isinstance(m, QUANT_LAYER_TYPES)
+             and not torch.equal(m.weight_quantizer.scale, qmodel.get_submodule(n).weight_quantizer.scale)]
+    assert moved  # the scales were learned and written
+    assert report.holdout_kl_after < report.holdout_kl_before
+    assert report.max_code_change == 1  # codes still within one step of nearest rounding at the old scale
+    with pytest.raises(ConfigError, match="finetune"):
+        RecoverConfig(method="finetune", learn_weight_scale=True)
 
 
 def test_lsq_gradients():
@@ -377,7 +418,8 @@ def test_config_defaults_and_validation():
     assert RecoverConfig.from_dict(cfg.to_dict()) == cfg
     for bad in [dict(method="magic"), dict(iters=-1), dict(batch_size=0), dict(lr=0.0), dict(warmup=1.0),
                 dict(drop_prob=1.0), dict(drop_prob=-0.1), dict(drop_prob=True), dict(unfreeze="random"), dict(method="adaround", learn_act_scale=True),
-                dict(reg_weight=-1.0), dict(seed=1.5)]:
+                dict(reg_weight=-1.0), dict(seed=1.5), dict(weight_scale_lr=0.0),
+                dict(learn_weight_scale=1)]:
         with pytest.raises(ConfigError):
             RecoverConfig(**bad)
 

@@ -72,6 +72,21 @@ def is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
+_AVG_POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                     nn.AdaptiveAvgPool3d)
+_AVG_POOL_FUNCTIONS = (torch.nn.functional.avg_pool1d, torch.nn.functional.avg_pool2d,
+                       torch.nn.functional.avg_pool3d, torch.nn.functional.adaptive_avg_pool1d,
+                       torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.adaptive_avg_pool3d)
+
+
+def is_avg_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` is an average pooling (module or functional, adaptive or not)."""
+    mod = module_of(gm, node)
+    if mod is not None:
+        return isinstance(mod, _AVG_POOL_MODULES)
+    return node.op == "call_function" and node.target in _AVG_POOL_FUNCTIONS
+
+
 def is_add(node: fx.Node) -> bool:
     """Whether ``node`` is an elementwise tensor addition (``a + b``, ``torch.add``, ``x.add(y)``)."""
     if node.op in ("call_function", "call_method") and node.target in ADD_TARGETS:

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from ..config import LayerOverride, QuantConfig
 from ..errors import ConfigError
-from ..graph import is_add, is_relu, module_of, trace
+from ..graph import is_add, is_avg_pool, is_relu, module_of, trace
 from ..scope import matches, validate_patterns
 from .modules import QUANT_LAYER_TYPES, QUANT_MODULE_FOR, ActQuantizer, WeightQuantizer
 from .nonuniform import NonUniformWeightQuantizer
@@ -129,6 +129,23 @@ def resolve_layer_plans(gm: fx.GraphModule, config: QuantConfig) -> list[LayerPl
     return plans
 
 
+def _output_before_avg_pool(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The layer's output (after any ReLU/ReLU6 that follows it alone) when it feeds an average pooling.
+
+    Quantizing it there lets an integer runtime keep the layer and the pooling in int8 (ONNX Runtime:
+    QLinearConv + QLinearGlobalAveragePool, e.g. EfficientNet's head conv); otherwise the layer has no
+    quantized output and runs dequantise-then-float.
+    """
+    cur = node
+    while len(cur.users) == 1:
+        (user,) = cur.users
+        if is_relu(gm, user):
+            cur = user
+            continue
+        return cur if is_avg_pool(gm, user) else None
+    return None
+
+
 def _sanitize(name: str) -> str:
     return re.sub(r"[^0-9a-zA-Z_]", "_", name)
 
@@ -187,6 +204,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
         if mod is not None and isinstance(mod, QUANT_LAYER_TYPES):
             plan = plan_by_name[str(node.target)]
             want(node.args[0] if node.args else None, plan.abits)
+            want(_output_before_avg_pool(gm, node), plan.abits)
         elif is_add(node):
             want(node.args[0], config.abits)
             want(node.args[1], config.abits)

@@ -58,11 +58,11 @@ METHODS = tuple(_METHODS)
 # (brecq), in total (finetune). Chosen on held-apart distilled data (docs/recovery.md).
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "adaround": {"iters": 200, "batch_size": 32, "lr": 3e-2, "act_lr": 1e-2, "learn_act_scale": False,
-                 "drop_prob": 0.0},
+                 "drop_prob": 0.0, "learn_weight_scale": False},
     "brecq": {"iters": 300, "batch_size": 32, "lr": 1e-2, "act_lr": 1e-2, "learn_act_scale": True,
-              "drop_prob": 0.5},
+              "drop_prob": 0.5, "learn_weight_scale": False},
     "finetune": {"iters": 600, "batch_size": 32, "lr": 1e-4, "act_lr": 1e-2, "learn_act_scale": True,
-                 "drop_prob": 0.0},
+                 "drop_prob": 0.0, "learn_weight_scale": False},
 }
 # For ImageNet-sized inputs (above LARGE_INPUT_PIXELS) one step costs ~50x a CIFAR step: smaller batches and
 # fewer steps keep EfficientNet-Lite0 within ~30 minutes on 2 CPU cores.
@@ -119,7 +119,9 @@ class RecoverConfig(_JsonMixin):
     brecq) or of the weights (finetune); ``act_lr``: Adam learning rate of the log step sizes (relative
     change per step); ``learn_act_scale``: learn activation step sizes (LSQ; brecq, finetune);
     ``drop_prob``: QDrop probability of leaving an activation element unquantized while reconstructing a
-    block (0 = off; brecq's default is 0.5); ``reg_weight``, ``beta_start``, ``beta_end``, ``warmup``: AdaRound regulariser weight,
+    block (0 = off; brecq's default is 0.5); ``learn_weight_scale``: also learn each layer's weight scale
+    (per channel, ``s0 * exp(u)``, Adam at ``weight_scale_lr`` with a cosine decay) while the codes stay
+    ``floor(W / s0) + h`` (adaround, brecq); ``reg_weight``, ``beta_start``, ``beta_end``, ``warmup``: AdaRound regulariser weight,
     annealed exponent, and the fraction of steps before it starts; ``temperature``: of the finetune KL;
     ``unfreeze``: ``"hawq"`` (units unfrozen one per stage, most Hessian-sensitive first) or ``"all"``;
     ``hessian_iterations``: Hutchinson rounds for the HAWQ order; ``eval_batch_size``: batch of the
@@ -133,6 +135,8 @@ class RecoverConfig(_JsonMixin):
     act_lr: float | None = None
     learn_act_scale: bool | None = None
     drop_prob: float | None = None
+    learn_weight_scale: bool | None = None
+    weight_scale_lr: float = 1e-3
     reg_weight: float = 0.01
     beta_start: float = 20.0
     beta_end: float = 2.0
@@ -157,7 +161,7 @@ class RecoverConfig(_JsonMixin):
         for name in ("lr", "act_lr"):
             if getattr(self, name) is not None:
                 _pos_float(getattr(self, name), name)
-        for name in ("beta_start", "beta_end", "temperature"):
+        for name in ("beta_start", "beta_end", "temperature", "weight_scale_lr"):
             _pos_float(getattr(self, name), name)
         if isinstance(self.reg_weight, bool) or not isinstance(self.reg_weight, (int, float)) or self.reg_weight < 0:
             raise ConfigError(f"RecoverConfig.reg_weight must be >= 0, got {self.reg_weight!r}")
@@ -167,6 +171,12 @@ class RecoverConfig(_JsonMixin):
                                            or not isinstance(self.drop_prob, (int, float))
                                            or not 0.0 <= float(self.drop_prob) < 1.0):
             raise ConfigError(f"RecoverConfig.drop_prob must be in [0, 1), got {self.drop_prob!r}")
+        if self.learn_weight_scale and self.method == "finetune":
+            raise ConfigError("finetune trains the weights themselves (their scales stay fixed); "
+                              "learn_weight_scale is for method='adaround' or 'brecq'")
+        if self.learn_weight_scale is not None and not isinstance(self.learn_weight_scale, bool):
+            raise ConfigError(f"RecoverConfig.learn_weight_scale must be True, False or None, "
+                              f"got {self.learn_weight_scale!r}")
         if self.unfreeze not in UNFREEZE:
             raise ConfigError(f"RecoverConfig.unfreeze={self.unfreeze!r} is not one of {', '.join(UNFREEZE)}")
         if self.learn_act_scale and self.method == "adaround":
@@ -393,7 +403,17 @@ def recover(
                     mod = gm.get_submodule(name)
                     if mod.weight_quantizer is None:
                         continue
-                    d = (mod.weight_quantizer.integer(mod.weight) - mod.weight_quantizer.integer(w0)).abs()
+                    wq = mod.weight_quantizer
+                    new_codes = wq.integer(mod.weight)
+                    key = f"{name}.weight_quantizer.scale"
+                    if key in saved and not torch.equal(saved[key], wq.scale):  # learned weight scale:
+                        learned = wq.scale.detach().clone()                   # nearest codes at the old one
+                        wq.scale.copy_(saved[key])
+                        old_codes = wq.integer(w0)
+                        wq.scale.copy_(learned)
+                    else:
+                        old_codes = wq.integer(w0)
+                    d = (new_codes - old_codes).abs()
                     changed += int((d > 0).sum())
                     total += d.numel()
                     max_change = max(max_change, int(d.max()) if d.numel() else 0)

@@ -76,9 +76,15 @@ def is_learnable(mod: nn.Module) -> bool:
 
 
 class LearnedRounding:
-    """The learnable rounding of one layer's weights (see the module docstring)."""
+    """The learnable rounding of one layer's weights (see the module docstring).
 
-    def __init__(self, layer: nn.Module) -> None:
+    With ``learn_scale`` the weight quantizer's scale is learned too, as ``s = s0 * exp(u)`` with one ``u``
+    per output channel (one for a per-tensor quantizer), starting at 0: the integer part ``floor(W / s0)``
+    stays fixed and only the step that multiplies the codes moves (the decoupling of Genie, Jeon et al.
+    2023). :meth:`bake` then writes the learned scale into the quantizer as well.
+    """
+
+    def __init__(self, layer: nn.Module, *, learn_scale: bool = False) -> None:
         if not is_learnable(layer):
             raise ZsqError(f"layer {type(layer).__name__} has no active weight quantizer; nothing to round")
         wq = layer.weight_quantizer
@@ -96,13 +102,23 @@ class LearnedRounding:
         scaled = w / s
         self.floor = torch.floor(scaled)
         self.v = inverse_rectified_sigmoid(scaled - self.floor).detach().clone().requires_grad_(True)
+        self.log_scale: torch.Tensor | None = None
+        if learn_scale:
+            self.log_scale = torch.zeros_like(s).requires_grad_(True)
 
     def h(self) -> torch.Tensor:
         return rectified_sigmoid(self.v)
 
+    def current_scale(self) -> torch.Tensor:
+        """The step that multiplies the codes: ``s0``, or ``s0 * exp(u)`` when the scale is learned."""
+        return self.scale if self.log_scale is None else self.scale * torch.exp(self.log_scale)
+
+    def scale_parameters(self) -> list[torch.Tensor]:
+        return [] if self.log_scale is None else [self.log_scale]
+
     def soft_weight(self) -> torch.Tensor:
         q = torch.clamp(self.floor + self.h() + self.zero, self.qmin, self.qmax)
-        return (q - self.zero) * self.scale
+        return (q - self.zero) * self.current_scale()
 
     def regularizer(self, beta: float) -> torch.Tensor:
         return rounding_regularizer(self.h(), beta)
@@ -116,9 +132,15 @@ class LearnedRounding:
     @torch.no_grad()
     def bake(self) -> torch.Tensor:
         """Write the learned codes into the layer's float weight as ``s * (codes - z)``, the value the
-        layer's own nearest-rounding quantizer maps back to exactly these codes. Returns the codes."""
+        layer's own nearest-rounding quantizer maps back to exactly these codes (with a learned scale, that
+        scale is first written into the quantizer). Returns the codes."""
         codes = self.codes()
-        w = (codes.to(self.scale.dtype) - self.zero) * self.scale
+        scale = self.current_scale().detach()
+        if self.log_scale is not None:
+            wq = self.layer.weight_quantizer
+            wq.scale.copy_(scale.reshape(wq.scale.shape).to(wq.scale.dtype))
+            scale = wq.scale.to(scale.dtype).reshape(scale.shape) if wq.per_channel else wq.scale.to(scale.dtype)[0]
+        w = (codes.to(scale.dtype) - self.zero) * scale
         self.layer.weight.copy_(w.to(self.layer.weight.dtype))
         got = self.layer.weight_quantizer.integer(self.layer.weight)
         if not torch.equal(got, codes):  # would mean the quantizer's scale changed under us
@@ -156,7 +178,8 @@ def optimize_unit(
     """Minimise reconstruction error + rounding regulariser over ``roundings`` (and LSQ ``steps``).
 
     Mini-batches of ``config.batch_size`` rows of ``x``/``target`` are drawn with ``generator``. Rounding
-    variables use Adam at ``config.lr`` (constant), step sizes Adam at ``config.act_lr`` (cosine decay).
+    variables use Adam at ``config.lr`` (constant), step sizes Adam at ``config.act_lr`` and learned weight
+    scales (``config.learn_weight_scale``) Adam at ``config.weight_scale_lr`` (both with a cosine decay).
     With ``config.drop_prob > 0`` each activation quantizer of the unit passes each element through
     unquantized with that probability (QDrop, Wei et al. 2022). Nothing is written into the model.
     """
@@ -164,9 +187,12 @@ def optimize_unit(
     groups = []
     if roundings:
         groups.append({"params": [r.v for r in roundings.values()], "lr": config.lr})
+    scale_params = [p for r in roundings.values() for p in r.scale_parameters()]
+    if scale_params:
+        groups.append({"params": scale_params, "lr": config.weight_scale_lr, "cosine": config.weight_scale_lr})
     step_params = [p for s in steps.values() for p in s.parameters()]
     if step_params:
-        groups.append({"params": step_params, "lr": config.act_lr})
+        groups.append({"params": step_params, "lr": config.act_lr, "cosine": config.act_lr})
     if not groups or iters == 0:
         return {"iterations": 0}
     opt = torch.optim.Adam(groups)
@@ -198,8 +224,9 @@ def optimize_unit(
         if beta is not None and roundings:
             reg = config.reg_weight * sum(r.regularizer(beta) for r in roundings.values())
             loss = rec + reg
-        if step_params:
-            opt.param_groups[-1]["lr"] = _cosine(config.act_lr, it, iters)
+        for group in opt.param_groups:
+            if "cosine" in group:
+                group["lr"] = _cosine(group["cosine"], it, iters)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -252,7 +279,7 @@ def run(ctx: "RecoverContext") -> list["UnitReport"]:
             lrun = UnitRunner(gm, [t.name for t in tail], src.name, tail[-1].name)
             target = lrun.batched(xl_f, batch_size=cfg.eval_batch_size, weight_fn=fw, act_fn=no_act)
             del xl_f
-            rounding = LearnedRounding(mod)
+            rounding = LearnedRounding(mod, learn_scale=bool(cfg.learn_weight_scale))
             nearest = mod.weight_quantizer.integer(mod.weight.detach())
             info = optimize_unit(lrun, xl_q, target, roundings={name: rounding}, steps={}, config=cfg,
                                  generator=ctx.generator, desc=f"adaround {index + 1}/{total} {name}",

@@ -124,7 +124,8 @@ def run(ctx: "RecoverContext") -> list["UnitReport"]:
     def train_block(unit: Any, runner: UnitRunner, data: UnitData) -> dict[str, Any]:
         index = ctx.units.index(unit)
         layers = {name: gm.get_submodule(name) for name in unit.layers}
-        roundings = {name: LearnedRounding(m) for name, m in layers.items() if is_learnable(m)}
+        roundings = {name: LearnedRounding(m, learn_scale=bool(cfg.learn_weight_scale))
+                     for name, m in layers.items() if is_learnable(m)}
         nearest = [r.layer.weight_quantizer.integer(r.layer.weight.detach()) for r in roundings.values()]
         steps = learnable_steps(gm, unit.act_quantizers) if cfg.learn_act_scale else {}
         info = optimize_unit(runner, data.xq, data.yf, roundings=roundings, steps=steps, config=cfg,
