@@ -444,8 +444,9 @@ def analysis(results: list[dict[str, Any]], env: dict[str, Any]) -> list[str]:
         "output stays float is an integer MatMulInteger on NHWC codes (u8s8 with 7-bit weights) instead of "
         "ConvInteger. What remains different from ORT's graphs comes from zsq's quantizer placement, not from "
         "the export: zsq requantizes the option-A shortcut of a CIFAR ResNet (the strided Slice + zero Pad of a "
-        "block input gets its own grid: one QLinearAdd `+ 0` pass at each of the 2 downsampling blocks), and leaves EfficientNet's head conv output unquantized (MatMulInteger with float "
-        "scaling, clipping and pooling, where ORT uses QLinearConv and QLinearGlobalAveragePool).",
+        "block input gets its own grid: one QLinearAdd `+ 0` pass at each of the 2 downsampling blocks). "
+        "EfficientNet's head conv output is quantized before the average pool (since this run's code), so "
+        "its head runs as QLinearConv + QLinearGlobalAveragePool, as in ORT's own graph.",
         "",
         "On a CPU with AVX-512 VNNI or AVX-VNNI VPDPBUSD accumulates in 32 bits, int8 weights are exact, and "
         "`zsq export --weight-type int8` (or W7) is the fast choice; on AVX2-only CPUs the default keeps the "

@@ -217,6 +217,23 @@ def test_brecq_with_learned_weight_scales(setup):
         RecoverConfig(method="finetune", learn_weight_scale=True)
 
 
+def test_brecq_with_learned_biases(setup):
+    fp32, qmodel, train, holdout = setup
+    q = clone(qmodel)
+    flags = {n: p.requires_grad for n, p in q.named_parameters()}
+    report = recover(q, fp32, train, RecoverConfig(method="brecq", iters=ITERS, batch_size=16, learn_bias=True,
+                                                   bias_lr=1e-2), progress=False, holdout_inputs=holdout)
+    moved = [n for n, m in q.named_modules() if isinstance(m, QUANT_LAYER_TYPES) and m.bias is not None
+             and not torch.equal(m.bias, qmodel.get_submodule(n).bias)]
+    assert moved
+    assert any(u.info.get("bias_change") for u in report.units)
+    assert report.holdout_kl_after < report.holdout_kl_before
+    assert {n: p.requires_grad for n, p in q.named_parameters()} == flags
+    for bad in (dict(method="adaround", learn_bias=True), dict(learn_bias="yes"), dict(bias_lr=-1.0)):
+        with pytest.raises(ConfigError):
+            RecoverConfig(**bad)
+
+
 def test_lsq_gradients():
     x = torch.tensor([-1.0, 0.26, 0.74, 1.49, 3.0, 9.0], requires_grad=True)
     s = torch.tensor(0.5, requires_grad=True)

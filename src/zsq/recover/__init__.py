@@ -58,11 +58,11 @@ METHODS = tuple(_METHODS)
 # (brecq), in total (finetune). Chosen on held-apart distilled data (docs/recovery.md).
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "adaround": {"iters": 200, "batch_size": 32, "lr": 3e-2, "act_lr": 1e-2, "learn_act_scale": False,
-                 "drop_prob": 0.0, "learn_weight_scale": False},
+                 "drop_prob": 0.0, "learn_weight_scale": False, "learn_bias": False},
     "brecq": {"iters": 300, "batch_size": 32, "lr": 1e-2, "act_lr": 1e-2, "learn_act_scale": True,
-              "drop_prob": 0.5, "learn_weight_scale": False},
+              "drop_prob": 0.5, "learn_weight_scale": False, "learn_bias": False},
     "finetune": {"iters": 600, "batch_size": 32, "lr": 1e-4, "act_lr": 1e-2, "learn_act_scale": True,
-                 "drop_prob": 0.0, "learn_weight_scale": False},
+                 "drop_prob": 0.0, "learn_weight_scale": False, "learn_bias": False},
 }
 # For ImageNet-sized inputs (above LARGE_INPUT_PIXELS) one step costs ~50x a CIFAR step: smaller batches and
 # fewer steps keep EfficientNet-Lite0 within ~30 minutes on 2 CPU cores.
@@ -121,7 +121,8 @@ class RecoverConfig(_JsonMixin):
     ``drop_prob``: QDrop probability of leaving an activation element unquantized while reconstructing a
     block (0 = off; brecq's default is 0.5); ``learn_weight_scale``: also learn each layer's weight scale
     (per channel, ``s0 * exp(u)``, Adam at ``weight_scale_lr`` with a cosine decay) while the codes stay
-    ``floor(W / s0) + h`` (adaround, brecq); ``reg_weight``, ``beta_start``, ``beta_end``, ``warmup``: AdaRound regulariser weight,
+    ``floor(W / s0) + h`` (adaround, brecq); ``learn_bias``: also train the biases of each block's layers
+    (brecq; Adam at ``bias_lr``, cosine decay); ``reg_weight``, ``beta_start``, ``beta_end``, ``warmup``: AdaRound regulariser weight,
     annealed exponent, and the fraction of steps before it starts; ``temperature``: of the finetune KL;
     ``unfreeze``: ``"hawq"`` (units unfrozen one per stage, most Hessian-sensitive first) or ``"all"``;
     ``hessian_iterations``: Hutchinson rounds for the HAWQ order; ``eval_batch_size``: batch of the
@@ -137,6 +138,8 @@ class RecoverConfig(_JsonMixin):
     drop_prob: float | None = None
     learn_weight_scale: bool | None = None
     weight_scale_lr: float = 1e-3
+    learn_bias: bool | None = None
+    bias_lr: float = 1e-3
     reg_weight: float = 0.01
     beta_start: float = 20.0
     beta_end: float = 2.0
@@ -161,7 +164,7 @@ class RecoverConfig(_JsonMixin):
         for name in ("lr", "act_lr"):
             if getattr(self, name) is not None:
                 _pos_float(getattr(self, name), name)
-        for name in ("beta_start", "beta_end", "temperature", "weight_scale_lr"):
+        for name in ("beta_start", "beta_end", "temperature", "weight_scale_lr", "bias_lr"):
             _pos_float(getattr(self, name), name)
         if isinstance(self.reg_weight, bool) or not isinstance(self.reg_weight, (int, float)) or self.reg_weight < 0:
             raise ConfigError(f"RecoverConfig.reg_weight must be >= 0, got {self.reg_weight!r}")
@@ -177,6 +180,11 @@ class RecoverConfig(_JsonMixin):
         if self.learn_weight_scale is not None and not isinstance(self.learn_weight_scale, bool):
             raise ConfigError(f"RecoverConfig.learn_weight_scale must be True, False or None, "
                               f"got {self.learn_weight_scale!r}")
+        if self.learn_bias is not None and not isinstance(self.learn_bias, bool):
+            raise ConfigError(f"RecoverConfig.learn_bias must be True, False or None, got {self.learn_bias!r}")
+        if self.learn_bias and self.method != "brecq":
+            raise ConfigError(f"learn_bias is implemented for method='brecq' (finetune always trains biases; "
+                              f"adaround learns roundings only), got method={self.method!r}")
         if self.unfreeze not in UNFREEZE:
             raise ConfigError(f"RecoverConfig.unfreeze={self.unfreeze!r} is not one of {', '.join(UNFREEZE)}")
         if self.learn_act_scale and self.method == "adaround":

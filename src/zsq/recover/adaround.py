@@ -174,12 +174,15 @@ def optimize_unit(
     generator: torch.Generator,
     desc: str,
     progress: bool,
+    biases: Sequence[torch.Tensor] = (),
 ) -> dict[str, Any]:
     """Minimise reconstruction error + rounding regulariser over ``roundings`` (and LSQ ``steps``).
 
     Mini-batches of ``config.batch_size`` rows of ``x``/``target`` are drawn with ``generator``. Rounding
     variables use Adam at ``config.lr`` (constant), step sizes Adam at ``config.act_lr`` and learned weight
-    scales (``config.learn_weight_scale``) Adam at ``config.weight_scale_lr`` (both with a cosine decay).
+    scales (``config.learn_weight_scale``) Adam at ``config.weight_scale_lr`` and ``biases`` (the layers'
+    own bias parameters, trained in place: the caller makes them trainable) Adam at ``config.bias_lr``
+    (all three with a cosine decay).
     With ``config.drop_prob > 0`` each activation quantizer of the unit passes each element through
     unquantized with that probability (QDrop, Wei et al. 2022). Nothing is written into the model.
     """
@@ -193,6 +196,8 @@ def optimize_unit(
     step_params = [p for s in steps.values() for p in s.parameters()]
     if step_params:
         groups.append({"params": step_params, "lr": config.act_lr, "cosine": config.act_lr})
+    if biases:
+        groups.append({"params": list(biases), "lr": config.bias_lr, "cosine": config.bias_lr})
     if not groups or iters == 0:
         return {"iterations": 0}
     opt = torch.optim.Adam(groups)

@@ -17,7 +17,9 @@ LSQ step sizes are parametrised as ``s = s0 * exp(u)`` (``s0``: the calibrated s
 value with respect to ``s`` is LSQ's (``round(x/s) - x/s`` inside the range, the clip level outside),
 and with respect to ``x`` the straight-through estimator (1 inside the range, 0 outside). The zero-point
 stays as calibrated. After each block the hard roundings are written into the float weights and the step
-sizes into the quantizers' ``scale`` buffers.
+sizes into the quantizers' ``scale`` buffers. With ``learn_bias`` the layers' biases are trained too (in
+place; they stay float32 in zsq's model and become int32 at export), which corrects the mean shift that
+coarse weights cause (bias correction, Nagel et al. 2019, learned here instead of measured).
 """
 
 from __future__ import annotations
@@ -128,9 +130,20 @@ def run(ctx: "RecoverContext") -> list["UnitReport"]:
                      for name, m in layers.items() if is_learnable(m)}
         nearest = [r.layer.weight_quantizer.integer(r.layer.weight.detach()) for r in roundings.values()]
         steps = learnable_steps(gm, unit.act_quantizers) if cfg.learn_act_scale else {}
-        info = optimize_unit(runner, data.xq, data.yf, roundings=roundings, steps=steps, config=cfg,
-                             generator=ctx.generator, desc=f"brecq {index + 1}/{total} {unit.name}",
-                             progress=ctx.progress)
+        biases = {name: m.bias for name, m in layers.items()
+                  if cfg.learn_bias and is_learnable(m) and m.bias is not None}
+        start = {name: b.detach().clone() for name, b in biases.items()}
+        try:
+            for b in biases.values():
+                b.requires_grad_(True)
+            info = optimize_unit(runner, data.xq, data.yf, roundings=roundings, steps=steps, config=cfg,
+                                 generator=ctx.generator, desc=f"brecq {index + 1}/{total} {unit.name}",
+                                 progress=ctx.progress, biases=list(biases.values()))
+        finally:
+            for b in biases.values():
+                b.requires_grad_(False)
+        if biases:
+            info["bias_change"] = {name: float((b.detach() - start[name]).abs().max()) for name, b in biases.items()}
         diff, numel = changed_codes(list(roundings.values()), nearest)
         for r in roundings.values():
             r.bake()
