@@ -1,7 +1,8 @@
 """Choose the low-bit recovery recipe on distilled data only (issue 8).
 
-Each candidate recipe reconstructs the same W4A4 model (first/last layer W8A8) from the same distilled
-calibration set; it is scored by the KL divergence between the FP32 and the recovered model's outputs on a
+Each candidate recipe reconstructs the same model (``--wbits``/``--abits``, default W4A4, first/last layer
+W8A8, optionally ``--depthwise-bits``) from the same distilled calibration set (candidate ``ptq``: no
+recovery, the calibrated model as it is); it is scored by the KL divergence between the FP32 and the recovered model's outputs on a
 *held-apart* distilled set (another seed). The recipe with the lowest held-apart KL is the candidate for
 ``zsq.recover`` defaults. Top-1 on the CIFAR sample is printed for the record only (``--eval``); it is not
 used to choose (the issue asks for the recipe to be chosen on distilled data).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -48,6 +50,14 @@ def parse_candidate(text: str) -> tuple[str, dict[str, Any]]:
     return method, kw
 
 
+@torch.no_grad()
+def holdout_kl(fp32: torch.nn.Module, q: torch.nn.Module, hold: torch.Tensor) -> float:
+    """Mean KL(softmax(FP32) || softmax(quantized)) over the held-apart inputs."""
+    ref = torch.log_softmax(fp32(hold), -1)
+    out = torch.log_softmax(q(hold), -1)
+    return float((ref.exp() * (ref - out)).sum(-1).mean())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="cifar_resnet20", choices=sorted(MODELS))
@@ -55,6 +65,11 @@ def main() -> None:
     ap.add_argument("--abits", type=int, default=4)
     ap.add_argument("--candidates", nargs="+", required=True, help="method:key=value,... (RecoverConfig fields)")
     ap.add_argument("--calib-batches", type=int, default=8)
+    ap.add_argument("--holdout-batches", type=int, default=1, help="distilled batches (seed + 1000) to score on")
+    ap.add_argument("--weight-estimator", default="minmax", choices=["minmax", "mse"])
+    ap.add_argument("--weight-asymmetric", action="store_true")
+    ap.add_argument("--depthwise-bits", type=int, default=None,
+                    help="weight bits of the depthwise convs (default: --wbits), e.g. 8 for EfficientNet")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval", action="store_true", help="also print top-1 on the evaluation images (record only)")
@@ -65,10 +80,21 @@ def main() -> None:
     model, spec = load_model(args.model, weights=weights)
     model.eval()
     x, ds = distilled(model, spec, seed=args.seed, batches=args.calib_batches, iters=DistillConfig().iterations)
-    hold, _ = distilled(model, spec, seed=1000 + args.seed, batches=1, iters=DistillConfig().iterations)
+    hold, _ = distilled(model, spec, seed=1000 + args.seed, batches=args.holdout_batches,
+                        iters=DistillConfig().iterations)
     print(f"{x.shape[0]} distilled inputs ({ds:.0f}s), {hold.shape[0]} held apart", flush=True)
     folded, _ = zsq.fold_batchnorm(model)
-    base = zsq.quantize(folded, QuantConfig(wbits=args.wbits, abits=args.abits, overrides=FIRST_LAST_8))
+    overrides: dict[str, Any] = dict(FIRST_LAST_8)
+    if args.depthwise_bits is not None:
+        dw = [n for n, m in folded.named_modules()
+              if isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels]
+        if not dw:
+            raise SystemExit(f"--depthwise-bits: {args.model} has no depthwise convolution")
+        overrides["re:^(" + "|".join(re.escape(n) for n in dw) + ")$"] = {"wbits": args.depthwise_bits}
+        print(f"{len(dw)} depthwise convs at W{args.depthwise_bits}", flush=True)
+    base = zsq.quantize(folded, QuantConfig(wbits=args.wbits, abits=args.abits, overrides=overrides,
+                                            weight_estimator=args.weight_estimator,
+                                            weight_symmetric=not args.weight_asymmetric))
     zsq.calibrate(base, x, progress=False)
     eval_ds = load_dataset(data_path, spec.preprocessing) if args.eval else None
     rows = []
@@ -76,10 +102,14 @@ def main() -> None:
         method, kw = parse_candidate(text)
         q = clone(base)
         t = time.perf_counter()
-        rep = recover(q, model, x, RecoverConfig(method=method, seed=args.seed, **kw), progress=False,
-                      holdout_inputs=hold)
-        row = {"candidate": text, "holdout_kl_before": rep.holdout_kl_before, "holdout_kl_after": rep.holdout_kl_after,
-               "seconds": time.perf_counter() - t}
+        if method == "ptq":  # no recovery: the calibrated model as it is
+            kl = holdout_kl(model, q, hold)
+            row = {"candidate": text, "holdout_kl_before": kl, "holdout_kl_after": kl, "seconds": 0.0}
+        else:
+            rep = recover(q, model, x, RecoverConfig(method=method, seed=args.seed, **kw), progress=False,
+                          holdout_inputs=hold)
+            row = {"candidate": text, "holdout_kl_before": rep.holdout_kl_before,
+                   "holdout_kl_after": rep.holdout_kl_after, "seconds": time.perf_counter() - t}
         if eval_ds is not None:
             row["top1_record_only"] = compare(model, q, eval_ds, progress=False)["quantized"]["top1"]
         rows.append(row)
