@@ -64,6 +64,22 @@ def test_bit_plan_reuse_reproduces_the_widths(mp_run, tmp_path, capsys):
     assert "mixed_precision" not in report(out)
 
 
+def test_bit_plan_run_reports_the_plan_not_wbits(mp_run, tmp_path, capsys):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "eval.npz"
+    np.savez(npz, images=rng.integers(0, 256, (16, 16, 16, 3)).astype(np.uint8),
+             labels=rng.integers(0, 10, 16).astype(np.int64))
+    rc, out, err = cli(capsys, "quantize", "tiny_cnn", "--abits", "8", "--bit-plan", mp_run / "bit_plan.json",
+                       "--eval", npz, "--out", tmp_path / "run", *[a for a in FAST if a != "-q"])
+    assert rc == 0, err
+    layers = report(tmp_path / "run")["quantizers"]["layers"]
+    avg = sum(l["wbits"] * l["params"] for l in layers) / sum(l["params"] for l in layers)
+    line = next(ln for ln in out.splitlines() if ln.startswith("top-1 FP32"))
+    assert f"plan W{avg:.2f}/A8" in line and "W8A8" not in line, line
+
+
 def test_plain_run_writes_its_bit_plan(tmp_path, capsys):
     out = tmp_path / "plain"
     rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--wbits", "6", "--override", "@first=w8", "--out", out, *FAST)

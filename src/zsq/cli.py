@@ -280,6 +280,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
           f"quantizers; folded {len(r['fold']['folded'])} BN; size {r['size_bytes']['fp32'] / 1e6:.2f} MB -> "
           f"{r['size_bytes']['quantized'] / 1e6:.2f} MB")
     label = f"W{args.wbits}A{args.abits}"
+    if r.get("bit_plan"):  # per-layer weight bits from a plan file: --wbits is not what ran
+        layers = [lay for lay in r["quantizers"].get("layers", []) if lay.get("wbits") and lay.get("params")]
+        params = sum(lay["params"] for lay in layers)
+        avg = sum(lay["wbits"] * lay["params"] for lay in layers) / params if params else 0.0
+        label = f"plan W{avg:.2f}/A{args.abits}" if params else f"plan/A{args.abits}"
     if "mixed_precision" in r:
         plan = r["mixed_precision"]["plan"]
         label = f"MP{plan.get('average_bits', 0):.2f}/A{args.abits}"
