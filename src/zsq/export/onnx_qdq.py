@@ -37,8 +37,9 @@ convolution into an integer kernel and keep the data between them in uint8, as i
 6. an average pool whose result, through Flatten/Reshape only, feeds an activation quantizer is
    quantized right after the pool (``DQ -> GlobalAveragePool -> Q``: QLinearGlobalAveragePool), and
    the Flatten moves codes;
-7. a quantized convolution whose output is *not* requantized (e.g. EfficientNet's head conv, which
-   feeds the global average pool) cannot become QLinearConv: a 1x1 one is written as
+7. a quantized convolution whose output is *not* requantized (e.g. a dense-prediction head whose float
+   output is the model's; EfficientNet's head conv, which feeds the average pool, is requantized since
+   :func:`zsq.quantize` puts a quantizer before average pools) cannot become QLinearConv: a 1x1 one is written as
    ``Transpose(NHWC) -> MatMulInteger -> Cast -> Mul(input_scale * weight_scale) -> Add(bias) ->
    Transpose(NCHW)``, others as ``ConvInteger -> Cast -> Mul -> Add``: the exact integer computation
    of zsq's fake-quantized float convolution;
