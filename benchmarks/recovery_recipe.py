@@ -29,6 +29,7 @@ from zsq.data import load_dataset
 from zsq.evaluate import compare
 from zsq.models import load_model
 from zsq.recover import RecoverConfig, recover
+from zsq.sensitivity.kl import kl_divergence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recovery import FIRST_LAST_8, MODELS, clone, distilled  # noqa: E402
@@ -53,9 +54,7 @@ def parse_candidate(text: str) -> tuple[str, dict[str, Any]]:
 @torch.no_grad()
 def holdout_kl(fp32: torch.nn.Module, q: torch.nn.Module, hold: torch.Tensor) -> float:
     """Mean KL(softmax(FP32) || softmax(quantized)) over the held-apart inputs."""
-    ref = torch.log_softmax(fp32(hold), -1)
-    out = torch.log_softmax(q(hold), -1)
-    return float((ref.exp() * (ref - out)).sum(-1).mean())
+    return float(kl_divergence(fp32(hold), q(hold)).mean())
 
 
 def main() -> None:

@@ -12,13 +12,13 @@ a W8A8 drop (BENCHMARKS.md, the EfficientNet-Lite1 accuracy section).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import RESNET_WEIGHTS  # noqa: E402
@@ -27,8 +27,22 @@ import zsq  # noqa: E402
 from zsq.config import DistillConfig, QuantConfig  # noqa: E402
 from zsq.models import load_model  # noqa: E402
 from zsq.quant.modules import QUANT_LAYER_TYPES, ActQuantizer  # noqa: E402
+from zsq.sensitivity.kl import kl_divergence  # noqa: E402
 
 TOP = 8
+
+
+@contextlib.contextmanager
+def switched_off(mods: list[torch.nn.Module], flag: str):
+    """Set ``flag`` (``enabled`` of activation quantizers, ``quant_enabled`` of layers) to False on ``mods``;
+    True again afterwards."""
+    try:
+        for m in mods:
+            setattr(m, flag, False)
+        yield
+    finally:
+        for m in mods:
+            setattr(m, flag, True)
 
 
 def main() -> None:
@@ -55,12 +69,11 @@ def main() -> None:
     x, h = d["x"], d["h"]
     folded, _ = zsq.fold_batchnorm(model)
     with torch.no_grad():
-        ref = F.log_softmax(model(h), -1)
+        ref = model(h)
 
     def kl(q: torch.nn.Module) -> float:
         with torch.no_grad():
-            out = F.log_softmax(q(h), -1)
-        return float((ref.exp() * (ref - out)).sum(-1).mean())
+            return float(kl_divergence(ref, q(h)).mean())
 
     def build(**kw) -> torch.nn.Module:
         q = zsq.quantize(folded, QuantConfig(wbits=8, abits=8, **kw))
@@ -73,38 +86,17 @@ def main() -> None:
     q = build()
     base = kl(q)
     emit(variant="W8A8 default", kl=base)
-    aqs = {n: m for n, m in q.named_modules() if isinstance(m, ActQuantizer)}
-    layers = {n: m for n, m in q.named_modules() if isinstance(m, QUANT_LAYER_TYPES)}
-    try:
-        for m in aqs.values():
-            m.enabled = False
-        emit(variant="weights only", kl=kl(q))
-    finally:
-        for m in aqs.values():
-            m.enabled = True
-    try:
-        for m in layers.values():
-            m.quant_enabled = False
-        emit(variant="activations only", kl=kl(q))
-    finally:
-        for m in layers.values():
-            m.quant_enabled = True
-    gains = []
-    for n, m in aqs.items():
-        m.enabled = False
-        try:
-            gains.append((base - kl(q), n))
-        finally:
-            m.enabled = True
-    emit(variant=f"top {TOP} activation quantizers (KL removed when off)", rows=sorted(gains, reverse=True)[:TOP])
-    gains = []
-    for n, m in layers.items():
-        m.quant_enabled = False
-        try:
-            gains.append((base - kl(q), n))
-        finally:
-            m.quant_enabled = True
-    emit(variant=f"top {TOP} weight quantizers (KL removed when off)", rows=sorted(gains, reverse=True)[:TOP])
+    groups = {"activation": ({n: m for n, m in q.named_modules() if isinstance(m, ActQuantizer)}, "enabled"),
+              "weight": ({n: m for n, m in q.named_modules() if isinstance(m, QUANT_LAYER_TYPES)}, "quant_enabled")}
+    for kind, (mods, flag) in groups.items():
+        with switched_off(list(mods.values()), flag):
+            emit(variant="weights only" if kind == "activation" else "activations only", kl=kl(q))
+    for kind, (mods, flag) in groups.items():
+        gains = []
+        for n, m in mods.items():
+            with switched_off([m], flag):
+                gains.append((base - kl(q), n))
+        emit(variant=f"top {TOP} {kind} quantizers (KL removed when off)", rows=sorted(gains, reverse=True)[:TOP])
     for kw in ({"act_estimator": "minmax"}, {"act_estimator": "mse"}, {"act_percentile": 99.999},
                {"act_percentile": 99.9}, {"weight_estimator": "mse"}):
         emit(variant=f"W8A8 {kw}", kl=kl(build(**kw)))

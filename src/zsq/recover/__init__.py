@@ -37,7 +37,9 @@ import torch.nn as nn
 
 from ..config import LARGE_INPUT_PIXELS, _JsonMixin
 from ..errors import ConfigError, NotCalibratedError
+from ..quant import primitives as P
 from ..quant.modules import QUANT_LAYER_TYPES, ActQuantizer
+from ..sensitivity.kl import kl_divergence
 from ..state import frozen_eval
 from .blocks import SequentialResult, Unit, UnitRunner, find_units, float_weights, no_act
 
@@ -335,9 +337,7 @@ def _check_model(qmodel: Any) -> fx.GraphModule:
 
 
 def _mean_kl(ref: torch.Tensor, cand: torch.Tensor) -> float:
-    log_p = torch.log_softmax(ref.double(), dim=1)
-    log_q = torch.log_softmax(cand.double(), dim=1)
-    return float((log_p.exp() * (log_p - log_q)).sum(dim=1).mean())
+    return float(kl_divergence(ref, cand).mean())
 
 
 @torch.no_grad()
@@ -412,16 +412,14 @@ def recover(
                     if mod.weight_quantizer is None:
                         continue
                     wq = mod.weight_quantizer
-                    new_codes = wq.integer(mod.weight)
-                    key = f"{name}.weight_quantizer.scale"
-                    if key in saved and not torch.equal(saved[key], wq.scale):  # learned weight scale:
-                        learned = wq.scale.detach().clone()                   # nearest codes at the old one
-                        wq.scale.copy_(saved[key])
-                        old_codes = wq.integer(w0)
-                        wq.scale.copy_(learned)
+                    s0 = saved.get(f"{name}.weight_quantizer.scale")
+                    if s0 is not None and not torch.equal(s0, wq.scale):  # learned weight scale: compare
+                        z = wq.zero_point                                # with nearest codes at the old one
+                        s0, z = (s0, z) if wq.per_channel else (s0[0], z[0])
+                        old_codes = P.quantize(w0, s0, z, *wq.qrange, axis=wq.axis)
                     else:
                         old_codes = wq.integer(w0)
-                    d = (new_codes - old_codes).abs()
+                    d = (wq.integer(mod.weight) - old_codes).abs()
                     changed += int((d > 0).sum())
                     total += d.numel()
                     max_change = max(max_change, int(d.max()) if d.numel() else 0)

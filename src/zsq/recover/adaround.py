@@ -138,8 +138,8 @@ class LearnedRounding:
         scale = self.current_scale().detach()
         if self.log_scale is not None:
             wq = self.layer.weight_quantizer
-            wq.scale.copy_(scale.reshape(wq.scale.shape).to(wq.scale.dtype))
-            scale = wq.scale.to(scale.dtype).reshape(scale.shape) if wq.per_channel else wq.scale.to(scale.dtype)[0]
+            wq.scale.copy_(scale.reshape(wq.scale.shape))
+            scale = wq._params()[0].to(scale.dtype).reshape(scale.shape)  # the stored value, as the quantizer sees it
         w = (codes.to(scale.dtype) - self.zero) * scale
         self.layer.weight.copy_(w.to(self.layer.weight.dtype))
         got = self.layer.weight_quantizer.integer(self.layer.weight)
