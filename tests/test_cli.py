@@ -328,6 +328,22 @@ def test_eval_checkpoint_matches_report(capsys, quantized_run, eval_npz, tmp_pat
     assert "quantized top-1" in stdout
 
 
+def test_eval_checkpoint_with_integer_arithmetic(capsys, quantized_run, eval_npz, tmp_path):
+    """--integer evaluates the checkpoint as its int8 ONNX graph computes it (zsq.export.IntegerModel):
+    the same quantized model, so nearly the same numbers as the float evaluation."""
+    out, _ = quantized_run
+    report = read_report(out)
+    res_file = tmp_path / "eval.json"
+    rc, stdout, err = cli(capsys, "eval", out, eval_npz, "--integer", "--json", res_file, "-q")
+    assert rc == 0, err
+    res = json.loads(res_file.read_text())
+    assert res["arithmetic"] == "integer" and res["n"] == N_EVAL
+    assert abs(res["quantized"]["top1"] - report["quantized"]["top1"]) <= 100.0 * 2 / N_EVAL
+    assert "integer arithmetic" in stdout
+    rc, _, err = cli(capsys, "eval", "tiny_cnn", eval_npz, "--integer", "-q")
+    assert rc == 2 and "--integer evaluates a quantized checkpoint" in err
+
+
 def test_eval_checkpoint_reload_in_python(quantized_run, eval_npz):
     from zsq.checkpoint import load_quantized
 

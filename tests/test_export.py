@@ -149,6 +149,7 @@ def _assert_parity(qmodel, path, x, *, min_agreement=100.0):
     res = compare_onnx(qmodel, path, x)
     assert res["max_abs_diff"] <= res["logit_step"], res  # within one output quantization step
     assert res["agreement"] >= min_agreement, res
+    assert res["integer_agreement"] == 100.0 and res["integer_max_abs_diff"] <= 1e-5 * res["logit_step"], res
     return res
 
 
@@ -495,6 +496,7 @@ def test_resnet20_real_weights_int8_parity(tmp_path):
     res = compare_onnx(qmodel, report.path, x, batch_size=100)
     assert res["max_abs_diff"] <= res["logit_step"], res
     assert res["agreement"] >= 99.0, res  # >= 99.5 % on all 5000 images: benchmarks/deploy.py
+    assert res["integer_agreement"] == 100.0 and res["integer_max_abs_diff"] <= 1e-5 * res["logit_step"], res
     layers = layer_parity(qmodel, report.path, x[:32])
     assert layers["max_steps"] <= 1 and layers["mismatch_fraction"] < 1e-4, layers
 
@@ -527,8 +529,11 @@ def test_efficientnet_lite0_every_conv_int8_and_parity(tmp_path):
         x = zsq.gaussian_inputs(6, spec.preprocessing, seed=3)
     res = compare_onnx(qmodel, report.path, x, batch_size=6)
     assert res["max_abs_diff"] <= res["logit_step"] and res["agreement"] == 100.0, res
+    assert res["integer_agreement"] == 100.0 and res["integer_max_abs_diff"] <= 1e-5 * res["logit_step"], res
     layers = layer_parity(qmodel, report.path, x[:4])  # also checks the merged TF-SAME paddings line up
     assert layers["max_steps"] <= 1 and layers["mismatch_fraction"] < 1e-4, layers
+    exact = layer_parity(qmodel, report.path, x[:4], emulate=True)
+    assert exact["max_steps"] == 0 and exact["mismatch_fraction"] == 0.0, exact
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ Runtime fuses into integer kernels; ``export_fp32_onnx`` writes the float model 
 Needs the optional ``onnx`` and ``onnxruntime`` packages (``pip install 'zsq[onnx]'``).
 """
 
+from .emulate import IntegerModel, integer_logits
 from .onnx_qdq import (
     DEFAULT_OPSET,
     ExportReport,
@@ -18,6 +19,7 @@ from .onnx_qdq import (
     export_fp32_onnx,
     export_onnx,
     export_pair,
+    int32_bias,
     layer_parity,
     load_session,
     logit_step,
@@ -30,6 +32,7 @@ from .onnx_qdq import (
 __all__ = [
     "DEFAULT_OPSET",
     "ExportReport",
+    "IntegerModel",
     "LayerExport",
     "bias_safe_weight_scale",
     "compare_onnx",
@@ -40,11 +43,13 @@ __all__ = [
     "export_fp32_onnx",
     "export_onnx",
     "export_pair",
+    "integer_logits",
     "layer_parity",
     "load_session",
     "logit_step",
     "ort_op_counts",
     "run_onnx",
+    "int32_bias",
     "snap_biases",
     "speed_advice",
 ]

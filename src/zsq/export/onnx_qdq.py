@@ -50,7 +50,8 @@ quantizer clamps at ``0..2^b - 1``; the exporter inserts an integer ``Clip`` bet
 ``QuantizeLinear`` and ``DequantizeLinear`` so both agree (ORT still fuses the convolutions).
 
 Parity tools: :func:`compare_onnx` (end to end) and :func:`layer_parity` (each quantized tensor
-given the same inputs).
+given the same inputs); :class:`zsq.export.IntegerModel` (module ``emulate``) evaluates zsq's model
+with the graph's integer arithmetic, code for code.
 """
 
 from __future__ import annotations
@@ -910,17 +911,17 @@ class _Exporter:
     def _int_bias(self, mod: nn.Module, xq: _QInfo, wq: Any, hint: str) -> str:
         """Bias as int32 with scale input_scale * weight_scale (per channel), behind DequantizeLinear."""
         w = self.w
-        b = mod.bias.detach().cpu().double().numpy()
         scale = self.wscales.get(id(mod), wq.scale.detach().cpu().float())
-        ws = scale.numpy() if wq.per_channel else np.float32(scale[0].item())
-        bs = (np.float32(xq.scale) * np.asarray(ws, dtype=np.float32)).astype(np.float32)
+        ws = scale if wq.per_channel else scale[:1]
+        bq, bs = int32_bias(mod.bias, xq.scale, ws)
+        b = mod.bias.detach().cpu().double().numpy()
         bs_full = np.broadcast_to(bs, b.shape).astype(np.float64)
-        bq = np.round(b / bs_full)
         if not np.array_equal((bq * bs_full).astype(np.float32), b.astype(np.float32)):
             self.off_grid_biases.append(hint)
-        if np.any(np.abs(bq) > INT32_MAX):
+        if np.any(np.abs(bq) >= INT32_MAX):
             self.notes.append(f"layer {hint!r}: bias saturated at the int32 range")
-            bq = np.clip(bq, -INT32_MAX, INT32_MAX)
+        if not wq.per_channel:
+            bs = np.float32(bs[0])
         q = w.const(hint + ".bias_q", bq.astype(np.int32))
         if np.ndim(bs) == 0:
             return w.node("DequantizeLinear", [q, w.const(hint + ".bias_scale", np.float32(bs)),
@@ -1397,6 +1398,20 @@ def bias_safe_weight_scale(bias: torch.Tensor, x_scale: torch.Tensor | float, w_
     return torch.where(over, torch.maximum(grown, ws), ws)
 
 
+def int32_bias(bias: torch.Tensor, x_scale: Any, w_scale: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The int32 bias codes an integer kernel adds, and their float32 scale ``x_scale * w_scale``.
+
+    ``w_scale`` is per channel, or one value for all channels. Codes are rounded half to even and
+    saturated at the int32 range; returns ``(codes as float64, scales as float32)``.
+    """
+    b = bias.detach().cpu().double().numpy()
+    ws = np.asarray(torch.as_tensor(w_scale).detach().cpu().float().numpy(), dtype=np.float32).reshape(-1)
+    bs = (np.float32(float(x_scale)) * ws).astype(np.float32)
+    bs_full = np.broadcast_to(bs, b.shape).astype(np.float64)
+    bq = np.clip(np.round(b / bs_full), -INT32_MAX, INT32_MAX)
+    return bq, np.broadcast_to(bs, b.shape).astype(np.float32)
+
+
 def _reject_nonuniform(qmodel: nn.Module) -> None:
     """QDQ (and every integer ONNX operator) needs an affine grid ``(q - zero_point) * scale``; a
     non-uniform codebook is not one, so such layers cannot be exported (see docs/hybrid_nonuniform.md)."""
@@ -1693,12 +1708,16 @@ def compare_onnx(
     """Outputs of zsq's fake-quantized PyTorch model vs the exported ONNX model on ``inputs``.
 
     Returns ``n``, ``max_abs_diff``, ``mean_abs_diff``, ``logit_step`` (see :func:`logit_step`),
-    ``max_diff_steps`` (max_abs_diff / logit_step) and ``agreement`` (percent of equal top-1).
+    ``max_diff_steps`` (max_abs_diff / logit_step) and ``agreement`` (percent of equal top-1); and
+    ``integer_max_abs_diff`` / ``integer_agreement``: the same against zsq's integer emulation of the
+    graph (:class:`zsq.export.IntegerModel`), which should be 0 / 100.
     """
     from ..evaluate import logits_of
+    from .emulate import integer_logits
 
     ref = logits_of(qmodel, inputs, batch_size=batch_size).numpy()
     got = run_onnx(path, inputs, batch_size=batch_size, threads=threads)
+    emu = integer_logits(qmodel, inputs, batch_size=batch_size).numpy()
     diff = np.abs(ref - got)
     step = logit_step(qmodel)
     return {
@@ -1708,11 +1727,13 @@ def compare_onnx(
         "logit_step": step,
         "max_diff_steps": float(diff.max() / step) if step > 0 else math.inf,
         "agreement": float(100.0 * np.mean(ref.argmax(1) == got.argmax(1))),
+        "integer_max_abs_diff": float(np.abs(emu - got).max()),
+        "integer_agreement": float(100.0 * np.mean(emu.argmax(1) == got.argmax(1))),
     }
 
 
 def layer_parity(
-    qmodel: nn.Module, path: str | os.PathLike[str], inputs: torch.Tensor, *, threads: int = 1
+    qmodel: nn.Module, path: str | os.PathLike[str], inputs: torch.Tensor, *, threads: int = 1, emulate: bool = False
 ) -> dict[str, Any]:
     """Layer-by-layer parity: each quantized tensor of the ONNX model vs what zsq's layers compute
     from the *same* inputs (ONNX Runtime's values of the previous quantized tensors).
@@ -1722,8 +1743,12 @@ def layer_parity(
     ONNX Runtime's own codes of the tensors before it, so each layer is judged alone. Returns
     ``{"layers": {name: {"max_steps", "mismatch_fraction"}}, "max_steps", "mismatch_fraction",
     "logits_max_abs_diff"}``; ``max_steps <= 1`` means every quantized tensor is within one
-    quantization step.
+    quantization step. ``emulate=True`` computes zsq's side with the runtime's integer arithmetic
+    (:class:`zsq.export.IntegerModel`) instead of zsq's float fake quantization: then every code
+    should be equal.
     """
+    from .emulate import _container, _Emulator
+
     onnx, helper, _, TP = _onnx()
     ort = _ort()
     proto = onnx.load(str(path))
@@ -1742,16 +1767,20 @@ def layer_parity(
     gm = trace(qmodel)
     stats: dict[str, dict[str, float]] = {}
 
-    class Forced(fx.Interpreter):
+    class Forced(_Emulator if emulate else fx.Interpreter):  # type: ignore[misc]
         def call_module(self, target: str, args: Any, kwargs: Any) -> Any:
             mod = self.fetch_attr(target)
             if not isinstance(mod, ActQuantizer) or not mod.enabled or target not in codes:
                 return super().call_module(target, args, kwargs)
             ref = torch.from_numpy(outs[codes[target][0]].astype(np.int64))
-            mine = P.quantize(args[0], mod.scale, mod.zero_point, *mod.qrange).to(torch.int64)
+            if emulate:
+                c = self._quantize_codes(self.current, mod).clamp(*_container(mod)).clamp(*mod.qrange)
+                mine = c.to(torch.int64)
+            else:
+                mine = P.quantize(args[0], mod.scale, mod.zero_point, *mod.qrange).to(torch.int64)
             pads = (0, 0, 0, 0)
             if mine.shape != ref.shape:  # a zero padding merged into the next convolution
-                src = self.current_node.args[0]
+                src = self.current.args[0]
                 pad_mod = gm.get_submodule(str(src.target)) if src.op == "call_module" else None
                 if pad_mod is None or not hasattr(pad_mod, "pads"):
                     raise ExportError(f"cannot align {target!r}: shapes {tuple(mine.shape)} vs {tuple(ref.shape)}")
@@ -1765,7 +1794,7 @@ def layer_parity(
             return F.pad(out, pads) if any(pads) else out
 
         def run_node(self, n: fx.Node) -> Any:
-            self.current_node = n
+            self.current = n
             return super().run_node(n)
 
     with eval_mode(gm), torch.no_grad():
@@ -1815,7 +1844,8 @@ def export_checkpoint(
 
 
 __all__ = [
-    "DEFAULT_OPSET", "ExportReport", "LayerExport", "bias_safe_weight_scale", "compare_onnx", "layer_parity",
+    "DEFAULT_OPSET", "ExportReport", "LayerExport", "bias_safe_weight_scale", "compare_onnx", "int32_bias",
+    "layer_parity",
     "conv_kernel_counts", "conv_matmul_count", "cpu_features", "speed_advice",
     "snap_biases", "export_checkpoint", "export_fp32_onnx",
     "export_onnx", "export_pair", "load_session", "logit_step", "ort_op_counts", "run_onnx", "session_options",
