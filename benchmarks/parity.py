@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -98,7 +99,8 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, minutes: f
     lines = [
         "## Parity with ONNX Runtime: float vs integer evaluation",
         "",
-        f"Regenerate with (this run: {minutes:.0f} minutes, {args.threads} threads):",
+        f"Regenerate with (this run: {minutes:.0f} minutes, {args.threads} threads, load average "
+        f"{args.load[0]:.1f} at the start and {args.load[1]:.1f} at the end):",
         "",
         "```bash",
         COMMAND.format(threads=args.threads),
@@ -138,9 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         results = [one_model(m, MODELS[m], Path(tmp), args) for m in args.models]
     minutes = (time.perf_counter() - t0) / 60
+    args.load = (load0, os.getloadavg()[0])
     Path(args.json).write_text(json.dumps({"results": results, "threads": args.threads, "torch": torch.__version__},
                                           indent=2))
     Path(args.markdown).write_text(markdown(results, args, minutes))

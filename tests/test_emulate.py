@@ -112,6 +112,14 @@ def test_bad_arguments(tmp_path):
         integer_logits(qmodel, [1, 2, 3])  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="batch_size"):
         integer_logits(qmodel, torch.zeros(2, 3, 16, 16), batch_size=0)
+    with pytest.raises(ConfigError, match="chunk"):
+        IntegerModel(qmodel, chunk=0)
+
+
+def test_chunks_do_not_change_results():
+    _, qmodel, spec = quantized()
+    x = zsq.gaussian_inputs(7, spec.preprocessing, seed=3)
+    assert torch.equal(IntegerModel(qmodel, chunk=3)(x), IntegerModel(qmodel)(x))
 
 
 @pytest.mark.slow
