@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", default=None, help="also write the result as JSON")
     p.add_argument("--integer", action="store_true",
                    help="evaluate a checkpoint with the integer arithmetic of its exported int8 ONNX graph "
-                        "(ONNX Runtime's results, code for code; about 3x slower than the default float "
+                        "(ONNX Runtime's results, code for code; about 2x slower than the default float "
                         "fake quantization, which can differ on near-tied images)")
     _add_common(p)
 
