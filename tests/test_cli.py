@@ -342,6 +342,8 @@ def test_eval_checkpoint_with_integer_arithmetic(capsys, quantized_run, eval_npz
     assert "integer arithmetic" in stdout
     rc, _, err = cli(capsys, "eval", "tiny_cnn", eval_npz, "--integer", "-q")
     assert rc == 2 and "--integer evaluates a quantized checkpoint" in err
+    rc, _, err = cli(capsys, "eval", out, eval_npz, "--integer", "--device", "cuda", "-q")
+    assert rc == 2 and "--integer runs on the CPU" in err
 
 
 def test_eval_checkpoint_reload_in_python(quantized_run, eval_npz):

@@ -114,6 +114,8 @@ def test_bad_arguments(tmp_path):
         integer_logits(qmodel, torch.zeros(2, 3, 16, 16), batch_size=0)
     with pytest.raises(ConfigError, match="chunk"):
         IntegerModel(qmodel, chunk=0)
+    with pytest.raises(ConfigError, match="runs on the CPU"):
+        IntegerModel(qmodel)(torch.zeros(1, 3, 16, 16, device="meta"))
 
 
 def test_chunks_do_not_change_results():

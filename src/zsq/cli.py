@@ -358,6 +358,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.integer:
             from .export import IntegerModel
 
+            if args.device is not None and not str(args.device).startswith("cpu"):
+                raise ConfigError(f"--integer runs on the CPU (exact integer arithmetic); drop --device {args.device}")
             qmodel = IntegerModel(qmodel)
         res = compare(fp32, qmodel, ds, batch_size=args.batch_size, device=args.device, progress=not args.quiet)
         res["arithmetic"] = "integer" if args.integer else "float"

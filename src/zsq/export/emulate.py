@@ -340,6 +340,10 @@ class IntegerModel(nn.Module):
         self.chunk = chunk  # images per pass: the emulation keeps every intermediate tensor of a pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            # GPU convolutions (TF32, Winograd/FFT algorithms) are not exact on integer data.
+            raise ConfigError(f"integer emulation runs on the CPU; got inputs on {x.device} (evaluate with "
+                              "--device cpu, or move the model and inputs to the CPU)")
         outs = []
         with eval_mode(self.gm), torch.no_grad():
             for i in range(0, x.shape[0], self.chunk):
