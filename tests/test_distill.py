@@ -136,6 +136,16 @@ def test_distill_is_deterministic_per_seed(tiny_model, tiny_preprocessing):
     assert not torch.equal(a.inputs, c.inputs)
 
 
+def test_channels_last_layout_is_the_same_computation(tiny_model, tiny_preprocessing):
+    """The default channels-last layout only changes float rounding; the inputs come back contiguous."""
+    a = distill(tiny_model, tiny_preprocessing, _cfg(seed=5, iterations=10), progress=False)
+    b = distill(tiny_model, tiny_preprocessing, _cfg(seed=5, iterations=10, channels_last=False), progress=False)
+    assert a.inputs.is_contiguous() and b.inputs.is_contiguous()
+    torch.testing.assert_close(a.inputs, b.inputs, rtol=0, atol=1e-3)
+    assert a.losses[0] == pytest.approx(b.losses[0], rel=1e-3)
+    assert all(p.is_contiguous() for p in tiny_model.parameters())  # the user's model keeps its layout
+
+
 def test_distill_does_not_depend_on_global_rng(tiny_model, tiny_preprocessing):
     torch.manual_seed(123)
     a = distill(tiny_model, tiny_preprocessing, _cfg(iterations=3), progress=False)
@@ -210,7 +220,7 @@ def test_distill_without_batchnorm_raises(tiny_model_nobn, tiny_model, tiny_prep
 
 @pytest.mark.parametrize(
     "kwargs", [dict(iterations=0), dict(batch_size=-1), dict(num_batches=True), dict(lr=0.0), dict(schedule="step"),
-               dict(init="zeros"), dict(input_weight=-1.0), dict(early_stop_loss=-0.1)],
+               dict(init="zeros"), dict(input_weight=-1.0), dict(early_stop_loss=-0.1), dict(channels_last=1)],
 )
 def test_distill_config_validation(kwargs):
     with pytest.raises(ConfigError):
@@ -243,6 +253,24 @@ def test_channel_stats():
     mean, std = channel_stats(x)
     assert torch.allclose(mean, x.mean(dim=(0, 2, 3)), atol=1e-6)
     assert torch.allclose(std, x.std(dim=(0, 2, 3), unbiased=False), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (5, 3, 7), (6, 2)])
+def test_channel_stats_gradient(shape):
+    """The hand-written backward equals autograd's gradient of the textbook formula, for any rank."""
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(*shape, generator=gen, dtype=torch.float64) * 2 + 1).requires_grad_(True)
+    assert torch.autograd.gradcheck(channel_stats, (x,))
+    dims = [0] + list(range(2, x.dim()))
+    g_mean, g_std = torch.randn(shape[1], generator=gen, dtype=torch.float64), torch.randn(shape[1], generator=gen,
+                                                                                           dtype=torch.float64)
+    m, s = channel_stats(x)
+    got = torch.autograd.grad((m * g_mean).sum() + (s * g_std).sum(), x)[0]
+    v, m0 = torch.var_mean(x, dim=dims, correction=0)
+    want = torch.autograd.grad((m0 * g_mean).sum() + (torch.sqrt(v + 1e-12) * g_std).sum(), x)[0]
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="N, C"):
+        channel_stats(torch.zeros(4))
 
 
 def test_capture_bn_inputs_removes_hooks_on_exception(tiny_model):

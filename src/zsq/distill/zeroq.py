@@ -97,15 +97,18 @@ def distill(
 
     model, fold_report = fold_batchnorm(model)
     orig_device = next(model.parameters()).device
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     with frozen_eval(model), capture_bn_inputs_folded(model, fold_report.folded, targets) as stats:
         model.to(device)
+        if cfg.channels_last:
+            model.to(memory_format=fmt)  # the folded copy: the user's model is not touched
         try:
             for b in range(cfg.num_batches):
                 if cfg.init == "gaussian":
                     x0 = torch.randn(batch_size, channels, h, w, generator=gen)
                 else:
                     x0 = torch.rand(batch_size, channels, h, w, generator=gen) * 2 - 1
-                x = torch.max(torch.min(x0.to(device), hi), lo).requires_grad_(True)
+                x = torch.max(torch.min(x0.to(device), hi), lo).contiguous(memory_format=fmt).requires_grad_(True)
                 opt = torch.optim.Adam([x], lr=cfg.lr)
                 plateau = (
                     torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=20)
@@ -139,7 +142,7 @@ def distill(
                         bar.set_postfix(loss=f"{loss_val:.4f}")
                     if cfg.early_stop_loss > 0 and loss_val < cfg.early_stop_loss:
                         break
-                out.append(x.detach().cpu())
+                out.append(x.detach().cpu().contiguous())
                 result.losses.append(loss_val)
                 result.initial_losses.append(first if first is not None else float("nan"))
                 result.iterations.append(steps)
