@@ -56,12 +56,15 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--md", default=None)
+    ap.add_argument("--layouts", default="channels_last,contiguous",
+                    help="memory layouts to time side by side (DistillConfig.channels_last on / off)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     peak = matmul_peak_gflops()
     lines = [f"fp32 matmul peak ({args.threads} threads, 2048x2048): **{peak:.1f} GFLOP/s**", "",
-             "| model | batch | s / iteration | GFLOP / iteration | GFLOP/s | % of matmul peak |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| model | layout | batch | s / iteration | GFLOP / iteration | GFLOP/s | % of matmul peak |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    layouts = args.layouts.split(",")
     for name in args.models.split(","):
         w = MODELS.get(name)
         if w is not None and not w.exists():
@@ -71,13 +74,17 @@ def main() -> None:
         h, wd = spec.preprocessing.input_size
         for bs in [int(b) for b in args.batches.split(",")]:
             flops = step_flops(model, torch.randn(bs, 3, h, wd))
-            zsq.distill(model, spec.preprocessing, DistillConfig(batch_size=bs, iterations=1), progress=False)
-            r = zsq.distill(model, spec.preprocessing, DistillConfig(batch_size=bs, iterations=args.iters),
+            for layout in layouts:
+                cl = layout == "channels_last"
+                zsq.distill(model, spec.preprocessing, DistillConfig(batch_size=bs, iterations=1, channels_last=cl),
                             progress=False)
-            s_it = r.seconds / args.iters
-            gfs = flops / s_it / 1e9
-            lines.append(f"| {name} | {bs} | {s_it:.3f} | {flops / 1e9:.1f} | {gfs:.1f} | {100 * gfs / peak:.0f} % |")
-            print(lines[-1], flush=True)
+                r = zsq.distill(model, spec.preprocessing,
+                                DistillConfig(batch_size=bs, iterations=args.iters, channels_last=cl), progress=False)
+                s_it = r.seconds / args.iters
+                gfs = flops / s_it / 1e9
+                lines.append(f"| {name} | {layout} | {bs} | {s_it:.3f} | {flops / 1e9:.1f} | {gfs:.1f} | "
+                             f"{100 * gfs / peak:.0f} % |")
+                print(lines[-1], flush=True)
     md = "\n".join(lines)
     print(md)
     if args.md:
