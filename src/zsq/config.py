@@ -151,8 +151,8 @@ class DistillConfig(_JsonMixin):
     init: str = "gaussian"
     early_stop_loss: float = 0.0
     seed: int = 0
-    # Optimise in the channels-last memory layout: the same computation, 1.1x (ResNet-20) to 1.26x
-    # (EfficientNet-Lite0) faster per step on this CPU (BENCHMARKS.md, "Distillation cost").
+    # Optimise in the channels-last memory layout: the same computation up to float rounding, 1.05-1.25x
+    # faster per step on this CPU for ResNet-20 and EfficientNet-Lite0 (BENCHMARKS.md, "Distillation cost").
     channels_last: bool = True
 
     def __post_init__(self) -> None:
