@@ -157,6 +157,17 @@ def test_distilled_inputs_within_pixel_range(saved_run):
         assert x[:, c].min() >= lo[c] - 1e-5 and x[:, c].max() <= hi[c] + 1e-5
 
 
+def test_saved_model_has_biases_on_the_integer_grid(saved_run):
+    """The pipeline snaps biases to the int32 grid of the integer kernels even without --export, so
+    the evaluated, saved and later exported models add the same biases."""
+    from zsq.export import snap_biases
+
+    res, out = saved_run
+    assert snap_biases(res.quantized_model) == []  # nothing left to snap
+    qmodel, _, _ = load_quantized(out)
+    assert snap_biases(qmodel) == []
+
+
 def test_load_quantized_reproduces_outputs_exactly(saved_run):
     res, out = saved_run
     qmodel, spec, meta = load_quantized(out)
