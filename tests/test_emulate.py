@@ -18,11 +18,10 @@ pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip instal
 import zsq  # noqa: E402
 from zsq.config import QuantConfig  # noqa: E402
 from zsq.errors import ConfigError, NotCalibratedError, UnsupportedQuantizerError  # noqa: E402
-from zsq.export import IntegerModel, export_onnx, integer_logits, layer_parity, run_onnx, snap_biases  # noqa: E402
+from zsq.export import IntegerModel, export_onnx, integer_logits, layer_parity, run_onnx  # noqa: E402
 from zsq.models import load_model  # noqa: E402
 
-from conftest import require_shared  # noqa: E402
-from test_export import Movers, _PointwiseHeadNet, quantized  # noqa: E402
+from test_export import Movers, _PointwiseHeadNet, quantized, resnet20_real_export  # noqa: E402
 
 
 def _assert_exact(qmodel: nn.Module, path, x: torch.Tensor) -> None:
@@ -127,14 +126,5 @@ def test_chunks_do_not_change_results():
 @pytest.mark.slow
 @pytest.mark.shared
 def test_resnet20_real_weights_identical_to_onnx_runtime(tmp_path):
-    weights = require_shared("models", "resnet-cifar10-akamaster", "resnet20-12fca82f.th")
-    data = require_shared("data", "cifar10-test", "cifar10_test.npz")
-    from zsq.data import iter_batches, load_dataset
-
-    model, spec = load_model("cifar_resnet20", weights=str(weights))
-    qmodel = zsq.quantize(zsq.fold_batchnorm(model.eval())[0], QuantConfig())
-    zsq.calibrate(qmodel, zsq.gaussian_inputs(16, spec.preprocessing), progress=False)
-    snap_biases(qmodel)
-    report = export_onnx(qmodel, tmp_path / "r20.onnx", example_input=torch.zeros(1, 3, 32, 32))
-    x = torch.cat([b[0] for b in iter_batches(load_dataset(data, spec.preprocessing, limit=200), 100)])
+    qmodel, report, x = resnet20_real_export(tmp_path, limit=200)
     _assert_exact(qmodel, report.path, x)

@@ -477,9 +477,9 @@ def test_other_bad_arguments(tiny_w8a8, tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-@pytest.mark.shared
-def test_resnet20_real_weights_int8_parity(tmp_path):
+def resnet20_real_export(tmp_path: Path, *, limit: int) -> tuple:
+    """(W8A8 model of the real ResNet-20 weights, calibrated on Gaussian noise with snapped biases, its
+    export report, the first ``limit`` CIFAR-10 test images); skips when ../shared lacks them."""
     weights = require_shared("models", "resnet-cifar10-akamaster", "resnet20-12fca82f.th")
     data = require_shared("data", "cifar10-test", "cifar10_test.npz")
     from zsq.data import iter_batches, load_dataset
@@ -490,9 +490,15 @@ def test_resnet20_real_weights_int8_parity(tmp_path):
     zsq.calibrate(qmodel, zsq.gaussian_inputs(16, spec.preprocessing), progress=False)
     snap_biases(qmodel)
     report = export_onnx(qmodel, tmp_path / "r20.onnx", example_input=torch.zeros(1, 3, 32, 32))
+    x = torch.cat([b[0] for b in iter_batches(load_dataset(data, spec.preprocessing, limit=limit), 100)])
+    return qmodel, report, x
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_resnet20_real_weights_int8_parity(tmp_path):
+    qmodel, report, x = resnet20_real_export(tmp_path, limit=300)
     assert report.int8_convs == 19 and report.float_convs == 0, report.ort_ops
-    ds = load_dataset(data, spec.preprocessing, limit=300)
-    x = torch.cat([b[0] for b in iter_batches(ds, 100)])
     res = compare_onnx(qmodel, report.path, x, batch_size=100)
     assert res["max_abs_diff"] <= res["logit_step"], res
     assert res["agreement"] >= 99.0, res  # >= 99.5 % on all 5000 images: benchmarks/deploy.py

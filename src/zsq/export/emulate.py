@@ -42,7 +42,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ConfigError, NotCalibratedError
+from ..errors import ConfigError
 from ..graph import is_add, is_avg_pool, module_of, trace
 from ..quant import primitives as P
 from ..quant.modules import QUANT_LAYER_TYPES, ActQuantizer
@@ -58,7 +58,7 @@ FLOAT32_EXACT = 2.0**24  # integers up to this magnitude are exact in float32
 
 # Nodes that move values without changing them: on a quantized tensor they move its codes.
 _MOVE_MODULES: tuple[type[nn.Module], ...] = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Flatten,
-                                              nn.MaxPool1d, nn.MaxPool2d, nn.ZeroPad2d)
+                                              nn.MaxPool1d, nn.MaxPool2d)
 _MOVE_FUNCTIONS: tuple[Any, ...] = (torch.flatten, torch.reshape, F.max_pool1d, F.max_pool2d, F.dropout,
                                     F.relu, torch.relu)
 _MOVE_METHODS = ("flatten", "view", "reshape", "contiguous", "relu")
@@ -72,6 +72,13 @@ def _container(q: ActQuantizer) -> tuple[int, int]:
 
 def _f32(x: Any) -> torch.Tensor:
     return torch.as_tensor(x, dtype=F32)
+
+
+def _per_channel(v: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Tensor:
+    """``v`` (one value per channel) shaped to broadcast against ``like`` along ``axis``, on its device."""
+    shape = [1] * like.dim()
+    shape[axis] = -1
+    return v.reshape(shape).to(like.device)
 
 
 def _round_f32(x64: torch.Tensor) -> torch.Tensor:
@@ -94,18 +101,13 @@ class _Emulator(fx.Interpreter):
 
     def _moves(self, n: fx.Node) -> bool:
         from ..models.cifar_resnet import ShortcutA
-        from ..models.efficientnet_lite import SamePad2d
 
+        if self._is_zero_pad(n):
+            return True
         mod = module_of(self.gm_, n)
         if mod is not None:
-            if isinstance(mod, nn.ReLU):
-                return True
-            return isinstance(mod, (*_MOVE_MODULES, ShortcutA, SamePad2d))
+            return isinstance(mod, (*_MOVE_MODULES, nn.ReLU, ShortcutA))
         if n.op == "call_function":
-            if n.target is F.pad:
-                mode = n.kwargs.get("mode", n.args[2] if len(n.args) > 2 else "constant")
-                value = n.kwargs.get("value", n.args[3] if len(n.args) > 3 else None)
-                return mode == "constant" and not value
             return n.target in _MOVE_FUNCTIONS or n.target.__name__ == "getitem"
         return n.op == "call_method" and n.target in _MOVE_METHODS
 
@@ -181,9 +183,7 @@ class _Emulator(fx.Interpreter):
     def _requant_layer(self, src: fx.Node, q: ActQuantizer) -> torch.Tensor:
         acc, xw, axis = self.acc.pop(src)
         m = (xw / _f32(float(q.scale))).to(F32)  # runtime: x_scale * w_scale / y_scale in float32
-        shape = [1] * acc.dim()
-        shape[axis] = -1
-        return torch.round(acc.to(F32) * m.reshape(shape).to(acc.device)) + int(q.zero_point)
+        return torch.round(acc.to(F32) * _per_channel(m, acc, axis)) + int(q.zero_point)
 
     def _qlinear_add(self, a: torch.Tensor, qa: ActQuantizer, b: torch.Tensor | None, qb: ActQuantizer,
                      q: ActQuantizer) -> torch.Tensor:
@@ -214,6 +214,11 @@ class _Emulator(fx.Interpreter):
         total = x_codes.to(F64).sum(dim=(-2, -1), keepdim=True) - int(qx.zero_point) * n
         scale = (_f32(float(qx.scale)) / (_f32(float(q.scale)) * _f32(float(n))).to(F32)).to(F32)
         return torch.round(total.to(F32) * scale) + int(q.zero_point)
+
+    def act_codes(self, n: fx.Node, q: ActQuantizer) -> torch.Tensor:
+        """The integer codes (as float32) the runtime gives activation quantizer ``q`` at node ``n``:
+        saturated to its container, then clipped to ``q``'s range (the exporter's integer Clip)."""
+        return self._quantize_codes(n, q).clamp(*_container(q)).clamp(*q.qrange)
 
     def _quantize_codes(self, n: fx.Node, q: ActQuantizer) -> torch.Tensor:
         src, pads = self._producer(n, q)
@@ -279,14 +284,10 @@ class _Emulator(fx.Interpreter):
         ws_full = ws.expand(channels) if ws.numel() == 1 else ws
         if mod.bias is not None:
             bq, _ = int32_bias(mod.bias, xs, ws_full)
-            shape = [1] * acc.dim()
-            shape[axis] = -1
-            acc = acc + torch.from_numpy(bq).to(F64).reshape(shape).to(acc.device)
+            acc = acc + _per_channel(torch.from_numpy(bq).to(F64), acc, axis)
         xw = (xs * ws_full).to(F32)
         self.acc[n] = (acc, xw, axis % acc.dim())
-        shape = [1] * acc.dim()
-        shape[axis] = -1
-        return acc.to(F32) * xw.reshape(shape).to(acc.device)
+        return acc.to(F32) * _per_channel(xw, acc, axis)
 
     # -- interpreter ---------------------------------------------------------------------------------
 
@@ -298,9 +299,7 @@ class _Emulator(fx.Interpreter):
         n = self.current
         mod = self.fetch_attr(target)
         if isinstance(mod, ActQuantizer) and mod.enabled:
-            lo, hi = _container(mod)
-            qmin, qmax = mod.qrange
-            c = self._quantize_codes(n, mod).clamp(lo, hi).clamp(qmin, qmax)
+            c = self.act_codes(n, mod)
             return P.dequantize(c.to(torch.int32), mod.scale.detach().float(), mod.zero_point.detach().float()).to(
                 args[0].device)
         if isinstance(mod, QUANT_LAYER_TYPES) and getattr(mod, "quant_enabled", True) and hasattr(
@@ -309,16 +308,6 @@ class _Emulator(fx.Interpreter):
             if qx is not None:
                 return self._layer(n, mod, args[0], qx)
         return super().call_module(target, args, kwargs)
-
-
-def _check(qmodel: nn.Module) -> None:
-    from .onnx_qdq import _reject_nonuniform, _uncalibrated
-
-    _reject_nonuniform(qmodel)
-    missing = _uncalibrated(qmodel)
-    if missing:
-        raise NotCalibratedError(f"{len(missing)} activation quantizer(s) were never calibrated (e.g. {missing[0]!r}): "
-                                 "run zsq.calibrate(model, data) before emulating the integer model")
 
 
 class IntegerModel(nn.Module):
@@ -335,7 +324,10 @@ class IntegerModel(nn.Module):
         super().__init__()
         if chunk < 1:
             raise ConfigError(f"chunk must be >= 1, got {chunk}")
-        _check(qmodel)
+        from .onnx_qdq import _reject_nonuniform, _require_calibrated
+
+        _reject_nonuniform(qmodel)
+        _require_calibrated(qmodel, before="emulating its integer arithmetic")
         self.gm = trace(qmodel)
         self.chunk = chunk  # images per pass: the emulation keeps every intermediate tensor of a pass
 

@@ -1311,8 +1311,13 @@ def _check_example(example_input: Any) -> torch.Tensor:
     return example_input[:1].detach().float()
 
 
-def _uncalibrated(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, ActQuantizer) and m.enabled and not bool(m.calibrated)]
+def _require_calibrated(model: nn.Module, *, before: str) -> None:
+    """Raise NotCalibratedError naming the activation quantizers that have no range yet."""
+    missing = [n for n, m in model.named_modules() if isinstance(m, ActQuantizer) and m.enabled and not bool(m.calibrated)]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise NotCalibratedError(f"the model is not calibrated ({len(missing)} activation quantizer(s) have no range: "
+                                 f"{shown}); run zsq.calibrate(model, data) (or `zsq quantize`) before {before}")
 
 
 def _write(model_proto: Any, path: str | os.PathLike[str]) -> Path:
@@ -1461,10 +1466,9 @@ def snap_biases(qmodel: nn.Module) -> list[str]:
                 if not torch.equal(safe, wq.scale):
                     wq.scale.copy_(safe)
                     changed = True
-            ws = wq.scale.detach().float() if wq.per_channel else wq.scale.detach().float()[0].expand(mod.bias.shape[0])
-            bs = (q.scale.detach().float() * ws).double()  # float32 product, as written to the ONNX file
-            b = mod.bias.detach().double()
-            snapped = (torch.round(b / bs).clamp(-INT32_MAX, INT32_MAX) * bs).to(mod.bias.dtype)
+            ws = wq.scale.detach().cpu() if wq.per_channel else wq.scale.detach().cpu()[:1]
+            bq, bs = int32_bias(mod.bias, q.scale, ws)  # the codes and scales written to the ONNX file
+            snapped = torch.from_numpy(bq * bs.astype(np.float64)).to(mod.bias)
             if not torch.equal(snapped, mod.bias.detach()):
                 mod.bias.copy_(snapped)
                 changed = True
@@ -1508,11 +1512,7 @@ def export_onnx(
     if observing:
         raise ExportError(f"activation quantizer {observing[0]!r} is observing (inside zsq.calibrate?); "
                           "export after calibration has finished")
-    missing = _uncalibrated(qmodel)
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise NotCalibratedError(f"the model is not calibrated ({len(missing)} activation quantizer(s) have no range: "
-                                 f"{shown}); run zsq.calibrate(model, data) (or `zsq quantize`) before exporting")
+    _require_calibrated(qmodel, before="exporting")
     gm = trace(qmodel)
     shapes = _record_shapes(gm, x)
     ex = _Exporter(gm, shapes, opset=opset, quantized=True, weight_type=weight_type)
@@ -1747,7 +1747,7 @@ def layer_parity(
     (:class:`zsq.export.IntegerModel`) instead of zsq's float fake quantization: then every code
     should be equal.
     """
-    from .emulate import _container, _Emulator
+    from .emulate import _Emulator
 
     onnx, helper, _, TP = _onnx()
     ort = _ort()
@@ -1774,8 +1774,7 @@ def layer_parity(
                 return super().call_module(target, args, kwargs)
             ref = torch.from_numpy(outs[codes[target][0]].astype(np.int64))
             if emulate:
-                c = self._quantize_codes(self.current, mod).clamp(*_container(mod)).clamp(*mod.qrange)
-                mine = c.to(torch.int64)
+                mine = self.act_codes(self.current, mod).to(torch.int64)
             else:
                 mine = P.quantize(args[0], mod.scale, mod.zero_point, *mod.qrange).to(torch.int64)
             pads = (0, 0, 0, 0)
