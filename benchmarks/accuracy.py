@@ -5,6 +5,9 @@ Regenerate the table in BENCHMARKS.md (section "Accuracy"):
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 \
       .venv/bin/python benchmarks/accuracy.py --out benchmarks/accuracy.json --md benchmarks/ACCURACY_RESULTS.md
 
+Every zsq row runs zsq's bias correction after calibration (``--bias-correction``, default ``auto`` as in
+``zsq quantize``); the mode each seed chose is in the table.
+
 Rows: FP32, then each setting (W8A8, W6A6, W4A8, W4A4, W4A8 and W4A4 with first/last layer at 8 bits)
 calibrated on Gaussian noise, zsq distilled data (3 seeds: mean and spread), and real images that
 are NOT in the evaluated set (upper bound). Peer rows: ONNX Runtime's quantize_static (QDQ,
@@ -32,9 +35,11 @@ import numpy as np
 import torch
 
 import zsq
+from zsq.bias_correction import BIAS_MODES, BiasCorrectionConfig, correct_bias
 from zsq.config import DistillConfig, QuantConfig
 from zsq.data import load_dataset
-from zsq.evaluate import compare, logits_of
+from zsq.evaluate import logits_of
+from zsq.sensitivity.kl import kl_divergence
 from zsq.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -75,12 +80,24 @@ def run_model(name: str, args) -> list[dict]:
     real_x = torch.stack([eval_ds_item for eval_ds_item, _ in
                           load_dataset(data_path, spec.preprocessing, subset=slice(n_eval, n_total))])
     rows: list[dict] = []
+    # Decode the evaluation images and run the FP32 model once; every row then runs only its own model.
+    xs = torch.stack([img for img, _ in eval_ds])
+    labels = torch.tensor([int(lab) for _, lab in eval_ds])
     t = time.perf_counter()
-    fp = compare(model, model, eval_ds, progress=False)
-    rows.append({"model": name, "setting": "FP32", "source": "-", "top1": fp["fp32"]["top1"], "drop": 0.0,
-                 "agreement": 100.0, "eval_s": time.perf_counter() - t, "n": fp["n"]})
-    fp_top1 = fp["fp32"]["top1"]
-    print(f"{name}: FP32 top-1 {fp_top1:.2f} on {fp['n']} images", flush=True)
+    fp_logits = logits_of(model, xs)
+    fp_pred = fp_logits.argmax(1)
+    fp_top1 = float(100.0 * (fp_pred == labels).double().mean())
+    rows.append({"model": name, "setting": "FP32", "source": "-", "top1": fp_top1, "drop": 0.0,
+                 "agreement": 100.0, "eval_s": time.perf_counter() - t, "n": int(xs.shape[0])})
+    print(f"{name}: FP32 top-1 {fp_top1:.2f} on {xs.shape[0]} images", flush=True)
+
+    def score(q: torch.nn.Module) -> dict[str, float]:
+        """top-1 (%), agreement with FP32's top-1 (%) and mean KL(FP32 || q) on the evaluation images."""
+        lg = logits_of(q, xs)
+        pred = lg.argmax(1)
+        return {"top1": float(100.0 * (pred == labels).double().mean()),
+                "agreement": float(100.0 * (pred == fp_pred).double().mean()),
+                "kl": float(kl_divergence(fp_logits, lg).mean())}
 
     sources: dict[str, list[tuple[torch.Tensor, float]]] = {}
     n_calib = DistillConfig(batch_size=args.batch_size).resolved_batch_size(spec.preprocessing.input_size)
@@ -98,6 +115,8 @@ def run_model(name: str, args) -> list[dict]:
 
     folded, _ = zsq.fold_batchnorm(model)
     for label, w, a, ov in SETTINGS:
+        if args.settings and label not in args.settings:
+            continue
         cfg = QuantConfig(wbits=w, abits=a, overrides=ov, weight_estimator=args.weight_estimator)
         for src, items in sources.items():
             per_seed = []
@@ -105,29 +124,33 @@ def run_model(name: str, args) -> list[dict]:
                 t = time.perf_counter()
                 q = zsq.quantize(folded, cfg)
                 zsq.calibrate(q, x, progress=False)
+                bias = correct_bias(q, folded, x, config=BiasCorrectionConfig(mode=args.bias_correction))
                 calib_s = time.perf_counter() - t
                 t = time.perf_counter()
-                res = compare(model, q, eval_ds, progress=False)
-                per_seed.append({"top1": res["quantized"]["top1"], "agreement": res["agreement"], "kl": res["kl"],
-                                 "distill_s": distill_s, "calibrate_s": calib_s, "eval_s": time.perf_counter() - t})
+                res = score(q)
+                per_seed.append({"top1": res["top1"], "agreement": res["agreement"], "kl": res["kl"],
+                                 "distill_s": distill_s, "calibrate_s": calib_s,
+                                 "bias_mode": bias.mode, "bias_s": bias.seconds, "eval_s": time.perf_counter() - t})
             top1s = [p["top1"] for p in per_seed]
             row = {"model": name, "setting": label, "source": src, "top1": statistics.mean(top1s),
                    "top1_seeds": top1s, "spread": (max(top1s) - min(top1s)) if len(top1s) > 1 else None,
                    "drop": fp_top1 - statistics.mean(top1s),
                    "agreement": statistics.mean(p["agreement"] for p in per_seed),
+                   "bias_modes": [p["bias_mode"] for p in per_seed],
                    "distill_s": statistics.mean(p["distill_s"] for p in per_seed),
                    "calibrate_s": statistics.mean(p["calibrate_s"] for p in per_seed),
-                   "eval_s": statistics.mean(p["eval_s"] for p in per_seed), "peak_mb": peak_mb(), "n": fp["n"]}
+                   "eval_s": statistics.mean(p["eval_s"] for p in per_seed), "peak_mb": peak_mb(), "n": int(xs.shape[0])}
             rows.append(row)
             print(f"  {label:<22} {src:<18} top-1 {row['top1']:.2f} (drop {row['drop']:+.2f}"
                   + (f", spread {row['spread']:.2f}" if row["spread"] is not None else "")
-                  + f") agreement {row['agreement']:.2f}", flush=True)
+                  + f") agreement {row['agreement']:.2f}, bias correction {'/'.join(row['bias_modes'])}", flush=True)
     if args.peers:
-        rows += peer_rows(name, model, eval_ds, sources, fp_top1, args)
+        rows += peer_rows(name, model, xs, labels.numpy(), fp_pred.numpy(), sources, fp_top1, args)
     return rows
 
 
-def peer_rows(name: str, model: torch.nn.Module, eval_ds, sources: dict, fp_top1: float, args) -> list[dict]:
+def peer_rows(name: str, model: torch.nn.Module, xs: torch.Tensor, labels: np.ndarray, fp_pred: np.ndarray,
+              sources: dict, fp_top1: float, args) -> list[dict]:
     """ONNX Runtime's own quantize_static (QDQ, per-channel int8 weights, uint8 activations, MinMax) at W8A8,
     calibrated on the same Gaussian and held-apart real inputs as zsq's rows, evaluated on the same images."""
     try:
@@ -136,9 +159,6 @@ def peer_rows(name: str, model: torch.nn.Module, eval_ds, sources: dict, fp_top1
     except ImportError as exc:
         print(f"skip ONNX Runtime peer rows for {name}: {exc}", file=sys.stderr)
         return []
-    xs = torch.stack([img for img, _ in eval_ds])
-    labels = np.array([int(lab) for _, lab in eval_ds])
-    fp_pred = logits_of(model, xs).argmax(1).numpy()
     rows = []
     with tempfile.TemporaryDirectory() as td:
         fp_path = Path(td) / "fp32.onnx"
@@ -163,15 +183,24 @@ def peer_rows(name: str, model: torch.nn.Module, eval_ds, sources: dict, fp_top1
     return rows
 
 
+def _modes(modes: list[str] | None) -> str:
+    """``weight`` when every seed chose it, else ``weight/output/weight`` (seed order); ``-`` for rows without."""
+    if not modes:
+        return "-"
+    return modes[0] if len(set(modes)) == 1 else "/".join(modes)
+
+
 def to_markdown(rows: list[dict], args) -> str:
-    lines = ["| model | setting | calibration | top-1 | drop | agreement % | distill s | calibrate s | eval s | peak MB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | setting | calibration | top-1 | drop | agreement % | bias correction | distill s | calibrate s "
+             "| eval s | peak MB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         top1 = f"{r['top1']:.2f}"
         if r.get("spread") is not None:
             top1 += f" ± {r['spread'] / 2:.2f}"
         lines.append(
             f"| {r['model']} | {r['setting']} | {r['source']} | {top1} | {r['drop']:+.2f} | {r['agreement']:.2f} | "
+            f"{_modes(r.get('bias_modes'))} | "
             f"{r.get('distill_s', 0):.1f} | {r.get('calibrate_s', 0):.1f} | {r['eval_s']:.1f} | {r.get('peak_mb', 0):.0f} |")
     return "\n".join(lines)
 
@@ -188,9 +217,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-peers", dest="peers", action="store_false",
                     help="skip the ONNX Runtime quantize_static peer rows")
+    ap.add_argument("--bias-correction", default="auto", choices=BIAS_MODES,
+                    help="zsq's bias correction after calibration (default auto, as `zsq quantize`)")
+    ap.add_argument("--settings", default=None, type=lambda s: s.split(","),
+                    help=f"only these settings (comma-separated labels of: {', '.join(x[0] for x in SETTINGS)})")
     ap.add_argument("--out", default="benchmarks/accuracy.json")
     ap.add_argument("--md", default=None)
     args = ap.parse_args()
+    unknown = sorted(set(args.settings or ()) - {x[0] for x in SETTINGS})
+    if unknown:
+        raise SystemExit(f"--settings: unknown {unknown}; choose from {[x[0] for x in SETTINGS]}")
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.models.split(","):

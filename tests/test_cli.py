@@ -241,7 +241,7 @@ def test_quantize_help_documents_options(capsys):
         main(["quantize", "--help"])
     out = capsys.readouterr().out
     for opt in ("--wbits", "--abits", "--calib", "--eval", "--out", "--device", "--seed", "--weights",
-                "--override", "--skip", "--act-estimator", "--distill-iters"):
+                "--override", "--skip", "--act-estimator", "--distill-iters", "--bias-correction"):
         assert opt in out
     assert "2-8" in out
 
@@ -381,6 +381,21 @@ def test_quantize_gaussian_calib(tmp_path, capsys, random_label_npz):
     assert r["calibration"]["source"] == "gaussian" and r["calibration"]["num_inputs"] == 6
     assert r["settings"]["calib"] == "gaussian" and r["settings"]["calib_size"] == 6
     assert list(out.glob("*.png"))
+
+
+@pytest.mark.parametrize("mode", ["off", "weight"])
+def test_quantize_bias_correction_option(tmp_path, capsys, mode):
+    out = tmp_path / mode
+    rc, stdout, err = cli(capsys, "quantize", "tiny_cnn", "--wbits", "4", "--bias-correction", mode, "--out", out,
+                          *FAST)
+    assert rc == 0, err
+    r = read_report(out)
+    assert r["settings"]["bias_correction"] == mode and r["bias_correction"]["mode"] == mode
+    assert ("bias correction: weight" in stdout) == (mode == "weight")
+    with pytest.raises(SystemExit) as exc:
+        main(["quantize", "tiny_cnn", "--bias-correction", "sometimes", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--bias-correction" in err and "'auto'" in err
 
 
 def test_quantize_real_images_calib(tmp_path, capsys, image_folder):

@@ -97,6 +97,22 @@ def test_run_result_and_report_structure(saved_run, eval_npz):
     json.dumps(r)  # JSON-serialisable as is
 
 
+def test_bias_correction_is_reported_and_changes_only_biases(saved_run, seed):
+    res, _ = saved_run
+    bc = res.report["bias_correction"]
+    assert bc["requested"] == "auto" and bc["mode"] in ("off", "weight", "output")
+    assert set(bc["heldout_kl"]) == {"off", "weight", "output"}
+    assert bc["mode"] == min(bc["heldout_kl"], key=bc["heldout_kl"].get)
+    assert "bias_correction" in res.report["timings_s"]
+    off = run(fast_config(bias_correction="off"), out_dir=None, progress=False)
+    assert off.report["bias_correction"]["mode"] == "off"
+    weight = run(fast_config(bias_correction="weight"), out_dir=None, progress=False)
+    assert weight.report["bias_correction"]["mode"] == "weight" and weight.report["bias_correction"]["layers"] > 0
+    a, b = off.quantized_model.state_dict(), weight.quantized_model.state_dict()
+    changed = sorted(k for k in a if not torch.equal(a[k], b[k]))
+    assert changed and all(k.endswith(".bias") for k in changed), changed  # same distilled data, same ranges
+
+
 def test_saved_files_match_result(saved_run):
     res, out = saved_run
     assert (out / WEIGHTS_FILE).is_file() and (out / CONFIG_FILE).is_file()
@@ -275,6 +291,8 @@ def test_nobn_model_distilled_raises():
 def test_runconfig_validation():
     with pytest.raises(ConfigError):
         RunConfig(model="tiny_cnn", calib_size=0)
+    with pytest.raises(ConfigError, match="bias_correction must be one of auto, weight, output, off"):
+        RunConfig(model="tiny_cnn", bias_correction="yes")
     with pytest.raises(ConfigError, match="device"):
         RunConfig(model="tiny_cnn", device="tpu")
     d = RunConfig(model="tiny_cnn").to_dict()

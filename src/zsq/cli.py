@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also export: onnx writes model.int8.onnx (QDQ) and model.fp32.onnx into --out")
     p.add_argument("--export-weight-type", choices=("auto", "int8", "uint8"), default="auto",
                    help="ONNX weight integer type (default auto: exact on every CPU; see `zsq export --help`)")
+    p.add_argument("--bias-correction", choices=("auto", "weight", "output", "off"), default="auto",
+                   help="after calibration, cancel each layer's mean output error through its bias: weight (the "
+                        "layer's own weight error), output (match the FP32 layer's output mean), off, or auto "
+                        "(default: the one with the lowest KL to FP32 on held-apart halves of the calibration data)")
     g = p.add_argument_group("low-bit recovery on the calibration data")
     g.add_argument("--recover", choices=("adaround", "brecq", "finetune"), default=None,
                    help="after calibration: AdaRound learned rounding, BRECQ block reconstruction, or fine-tuning "
@@ -273,7 +277,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                     eval_limit=args.eval_limit, device=args.device, seed=args.seed, mixed_precision=mp_cfg,
                     bit_plan=bit_plan, export=args.export, export_weight_type=args.export_weight_type,
                     hybrid=hybrid, hybrid_threshold=args.hybrid_threshold, hybrid_tolerance=args.hybrid_tolerance,
-                    recover=rcfg)
+                    recover=rcfg, bias_correction=args.bias_correction)
     safe = re.sub(r"[^0-9A-Za-z_.-]", "_", args.model)
     wtag = "mp" + str(mp_cfg.target_size or mp_cfg.bops).replace(" ", "") if mp_cfg else f"w{args.wbits}"
     out = Path(args.out or f"runs/{safe}-{wtag}a{args.abits}")
@@ -299,6 +303,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(f"top-1 FP32 {r['fp32']['top1']:.2f}  {label} {r['quantized']['top1']:.2f}  "
               f"(drop {r['fp32']['top1'] - r['quantized']['top1']:+.2f})  agreement {r['agreement']:.2f}%  "
               f"KL {r['kl']:.4f}  on {r['eval']['num_images']} images")
+    bc = r["bias_correction"]
+    if bc["mode"] != "off" or bc["requested"] == "auto":
+        chosen = f" (auto: held-apart KL {', '.join(f'{k} {v:.4f}' for k, v in bc['heldout_kl'].items())})" \
+            if bc["requested"] == "auto" and bc["heldout_kl"] else ""
+        print(f"bias correction: {bc['mode']}{chosen}, {t['bias_correction']:.1f}s")
     if "recover" in t:
         print(f"recovery ({args.recover}): {t['recover']:.1f}s")
     print(f"time: distill {t['distill']:.1f}s  calibrate {t['calibrate']:.1f}s  evaluate {t['evaluate']:.1f}s  "

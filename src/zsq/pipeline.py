@@ -1,7 +1,7 @@
 """The zero-shot quantization pipeline, stage by stage, written once:
 
 model -> calibration data (distilled / gaussian / real) -> BN fold -> quantize -> calibrate
--> evaluate (optional) -> save.
+-> recovery (optional) -> bias correction -> evaluate (optional) -> save.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class RunConfig:
     hybrid: bool = False  # choose per-tensor / per-channel weights per layer (zsq.hybrid)
     hybrid_threshold: float | None = None  # None: chosen on the calibration data
     hybrid_tolerance: float | None = None  # None: zsq.hybrid's default
+    bias_correction: str = "auto"  # zsq.bias_correction mode: auto | weight | output | off
 
     def __post_init__(self) -> None:
         if not self.hybrid and (self.hybrid_threshold is not None or self.hybrid_tolerance is not None):
@@ -60,6 +61,10 @@ class RunConfig:
             raise ConfigError(f"export must be 'onnx' or None, got {self.export!r}")
         if self.calib_size is not None and self.calib_size < 1:
             raise ConfigError(f"calib_size must be >= 1, got {self.calib_size}")
+        from .bias_correction import BIAS_MODES
+
+        if self.bias_correction not in BIAS_MODES:
+            raise ConfigError(f"bias_correction must be one of {', '.join(BIAS_MODES)}, got {self.bias_correction!r}")
         if self.device not in ("cpu",) and not str(self.device).startswith("cuda"):
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 
@@ -215,6 +220,12 @@ def run(cfg: RunConfig, *, out_dir: str | Path | None = None, progress: bool = T
         t = time.perf_counter()
         recover_report = recover(qmodel, folded, calib_x, cfg.recover, device=device, progress=progress)
         timings["recover"] = time.perf_counter() - t
+    from .bias_correction import BiasCorrectionConfig, correct_bias
+
+    t = time.perf_counter()  # after recovery, on the final weights (auto also weighs "off")
+    bias_report = correct_bias(qmodel, folded, calib_x, config=BiasCorrectionConfig(mode=cfg.bias_correction),
+                               device=device)
+    timings["bias_correction"] = time.perf_counter() - t
     t = time.perf_counter()
     # Biases on the int32 grid the integer kernels use, whether or not this run exports: the saved,
     # evaluated and (now or later) exported models then add the same biases. Unsnapped, the float
@@ -233,6 +244,7 @@ def run(cfg: RunConfig, *, out_dir: str | Path | None = None, progress: bool = T
         "fold": fold_report.to_dict(),
         "quantizers": qreport.to_dict(),
         "size_bytes": {"fp32": fp32_size_bytes(model), "quantized": quantized_size_bytes(qmodel)},
+        "bias_correction": bias_report.to_dict(),
     }
     report["size_bytes"]["ratio"] = round(report["size_bytes"]["fp32"] / report["size_bytes"]["quantized"], 3)
     if mp is not None:

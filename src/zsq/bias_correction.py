@@ -1,0 +1,255 @@
+"""Bias correction: remove the mean error that quantization adds to every layer's output.
+
+Stage of the data flow: after :func:`zsq.calibrate` (and recovery, if any), before evaluation and export. Quantized
+weights ``W^`` shift each output channel's mean by ``E[(W - W^) x]``; clipped and rounded activations add
+shifts of their own. Both are cheap to measure on the calibration inputs and to cancel through the bias
+each conv/linear layer already has (BatchNorm folding gave one to every conv it folded). Two ways to
+measure the shift of layer ``L`` (per output channel, averaged over the batch and spatial positions):
+
+``weight`` (Nagel et al., 2019, "Data-free quantization through weight equalization and bias
+    correction", empirical form)
+    ``E[L_W(x^)] - E[L_W^(x^)]``: the layer's own weight error on its input ``x^`` in the quantized model.
+``output``
+    ``E[L(x)] - E[L^(x^)]``: the whole difference between the FP32 model's output of the layer (FP32
+    inputs ``x``) and the quantized model's, upstream activation error included.
+
+Layers are corrected in the order the data flows (one forward pass; each layer sees the corrections of
+the layers before it). ``auto`` (the default) chooses between ``off``, ``weight`` and ``output`` on the
+calibration inputs themselves: each candidate is fitted on one half and scored by the KL divergence of
+the quantized model's outputs to the FP32 model's on the other half (and the halves swapped). No
+evaluation image is involved. Why both modes exist (numbers in ``BENCHMARKS.md``): ``weight`` removes
+most of the 8-bit weight error of EfficientNet-Lite, where ``output`` makes it worse; on the CIFAR
+ResNets ``output`` is the better one at 4-6 bits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import _JsonMixin
+from .errors import ConfigError, NotCalibratedError
+from .quant.modules import QUANT_LAYER_TYPES
+from .sensitivity.kl import kl_divergence
+from .state import eval_mode
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BIAS_MODES", "BiasCorrectionConfig", "BiasCorrectionReport", "correct_bias"]
+
+#: Values of ``BiasCorrectionConfig.mode``.
+BIAS_MODES = ("auto", "weight", "output", "off")
+_CANDIDATES = ("off", "weight", "output")  # what ``auto`` chooses from
+#: ``auto`` needs at least this many inputs per half to compare candidates; below it, it uses ``weight``.
+MIN_INPUTS_PER_FOLD = 2
+
+
+@dataclass(frozen=True)
+class BiasCorrectionConfig(_JsonMixin):
+    """How :func:`correct_bias` corrects.
+
+    ``mode``: ``auto`` | ``weight`` | ``output`` | ``off`` (see the module docstring). ``max_inputs``: at
+    most this many calibration inputs are used; they run through the model as one batch, so that every
+    layer is corrected before the next one is measured.
+    """
+
+    mode: str = "auto"
+    max_inputs: int = 64
+
+    def __post_init__(self) -> None:
+        if self.mode not in BIAS_MODES:
+            raise ConfigError(f"bias correction mode={self.mode!r} is not one of {', '.join(BIAS_MODES)}")
+        if self.max_inputs < 1:
+            raise ConfigError(f"bias correction max_inputs must be >= 1, got {self.max_inputs}")
+
+
+@dataclass
+class BiasCorrectionReport(_JsonMixin):
+    """What :func:`correct_bias` did: the mode it applied, ``auto``'s held-apart KL per candidate, the
+    layers it corrected, the largest shift it removed, and its time."""
+
+    mode: str
+    requested: str
+    layers: int = 0
+    skipped_no_bias: list[str] = field(default_factory=list)
+    max_shift: float = 0.0
+    inputs: int = 0
+    heldout_kl: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        s = f"bias correction: {self.mode}"
+        if self.requested == "auto":
+            s += " (auto; held-apart KL " + ", ".join(f"{k} {v:.4g}" for k, v in self.heldout_kl.items()) + ")"
+        if self.mode != "off":
+            s += f", {self.layers} layers, largest shift {self.max_shift:.3g}"
+        if self.skipped_no_bias:
+            s += f", {len(self.skipped_no_bias)} layers without a bias left as they are"
+        return s + f", {self.inputs} inputs, {self.seconds:.1f} s"
+
+
+def _channel_mean(y: torch.Tensor) -> torch.Tensor:
+    """Mean over every dimension but the channel one (dim 1; the last one of a 2-D linear output)."""
+    if y.dim() == 2:
+        return y.mean(0)
+    return y.transpose(0, 1).reshape(y.shape[1], -1).mean(1)
+
+
+def _float_output(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``mod``'s output with its FP32 weight (quantized layers quantize their weight on every forward)."""
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+        return mod._conv_forward(x, mod.weight, mod.bias)
+    return F.linear(x, mod.weight, mod.bias)
+
+
+def _layers(qmodel: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
+    quantized = {n: m for n, m in qmodel.named_modules() if isinstance(m, QUANT_LAYER_TYPES)}
+    return ({n: m for n, m in quantized.items() if m.bias is not None},
+            [n for n, m in quantized.items() if m.bias is None])
+
+
+@contextlib.contextmanager
+def _hooks(mods: dict[str, nn.Module], make) -> Iterator[None]:
+    handles = []
+    try:
+        for n, m in mods.items():
+            handles.append(m.register_forward_hook(make(n)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def _float_means(float_model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-channel output means of the FP32 model's layers ``names`` on ``x``."""
+    mods = dict(float_model.named_modules())
+    missing = [n for n in names if n not in mods]
+    if missing:
+        raise ConfigError(f"bias correction mode 'output' needs the FP32 model the quantized model was made from "
+                          f"(BatchNorm folded, same layer names); it has no layer {missing[0]!r}")
+    means: dict[str, torch.Tensor] = {}
+    with _hooks({n: mods[n] for n in names}, lambda n: lambda m, i, o: means.__setitem__(n, _channel_mean(o))):
+        float_model(x)
+    return means
+
+
+@torch.no_grad()
+def _apply(qmodel: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor, mode: str,
+           float_model: nn.Module | None) -> float:
+    """Correct every layer in one pass of ``x`` (in data-flow order); returns the largest shift removed."""
+    targets = _float_means(float_model, list(layers), x) if mode == "output" else None
+    largest = 0.0
+
+    def make(name: str):
+        def hook(mod: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+            nonlocal largest
+            target = targets[name] if targets is not None else _channel_mean(_float_output(mod, inputs[0]))
+            shift = target - _channel_mean(out)
+            mod.bias.add_(shift.to(mod.bias.dtype))
+            largest = max(largest, float(shift.abs().max()))
+            return out + shift.reshape([1, -1] + [1] * (out.dim() - 2))
+        return hook
+
+    with _hooks(layers, make):
+        qmodel(x)
+    return largest
+
+
+@torch.no_grad()
+def _kl(qmodel: nn.Module, x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(kl_divergence(ref, qmodel(x)).mean())
+
+
+def correct_bias(
+    qmodel: nn.Module,
+    float_model: nn.Module | None,
+    data: torch.Tensor,
+    *,
+    config: BiasCorrectionConfig | None = None,
+    device: str | torch.device | None = None,
+) -> BiasCorrectionReport:
+    """Cancel the per-channel mean error of every quantized conv/linear layer through its bias.
+
+    ``qmodel`` must be calibrated (:func:`zsq.calibrate`); ``float_model`` is the FP32 model it was made
+    from (BatchNorm folded or not; ``auto`` and ``output`` need it, ``weight`` does not); ``data`` the
+    calibration inputs (the first ``config.max_inputs`` are used). Biases change in place; on an exception
+    they are restored. Returns a :class:`BiasCorrectionReport`.
+    """
+    from .calibrate import is_calibrated
+
+    cfg = config or BiasCorrectionConfig()
+    t0 = time.perf_counter()
+    if not isinstance(data, torch.Tensor) or data.dim() < 2 or data.shape[0] == 0:
+        raise ConfigError("bias correction needs the calibration inputs as one non-empty tensor (N, ...), got "
+                          f"{type(data).__name__}{'' if not isinstance(data, torch.Tensor) else tuple(data.shape)}")
+    if not is_calibrated(qmodel):
+        raise NotCalibratedError("bias correction runs on a calibrated model: call zsq.calibrate(qmodel, data) first")
+    if cfg.mode in ("auto", "output") and float_model is None:
+        raise ConfigError(f"bias correction mode {cfg.mode!r} compares with the FP32 model: pass float_model "
+                          "(or use mode='weight')")
+    if device is None:
+        p = next(qmodel.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    x = data[: cfg.max_inputs].to(device)
+    layers, skipped = _layers(qmodel)
+    report = BiasCorrectionReport(mode=cfg.mode, requested=cfg.mode, skipped_no_bias=skipped, inputs=int(x.shape[0]))
+    if cfg.mode == "off" or not layers:
+        report.mode = "off"
+        report.seconds = time.perf_counter() - t0
+        return report
+    saved = {n: m.bias.detach().clone() for n, m in layers.items()}
+
+    def restore() -> None:
+        with torch.no_grad():
+            for n, m in layers.items():
+                m.bias.copy_(saved[n])
+
+    contexts = [eval_mode(qmodel)] + ([eval_mode(float_model)] if float_model is not None else [])
+    with contextlib.ExitStack() as stack:
+        for c in contexts:
+            stack.enter_context(c)
+        try:
+            mode = cfg.mode
+            if mode == "auto":
+                mode = _choose(qmodel, float_model, layers, x, report, restore)
+            report.mode = mode
+            if mode != "off":
+                report.max_shift = _apply(qmodel, layers, x, mode, float_model)
+                report.layers = len(layers)
+        except BaseException:
+            restore()
+            raise
+    report.seconds = time.perf_counter() - t0
+    log.info("%s", report)
+    return report
+
+
+def _choose(qmodel: nn.Module, float_model: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor,
+            report: BiasCorrectionReport, restore) -> str:
+    """``auto``: fit each candidate on one half of ``x``, score the KL to FP32 on the other (both ways)."""
+    half = x.shape[0] // 2
+    if half < MIN_INPUTS_PER_FOLD:
+        log.info("bias correction auto: %d inputs are too few to compare modes on held-apart halves; using 'weight'",
+                 x.shape[0])
+        return "weight"
+    folds = [(x[:half], x[half:]), (x[half:], x[:half])]
+    with torch.no_grad():
+        refs = [float_model(test) for _, test in folds]
+    for cand in _CANDIDATES:
+        kls = []
+        for (fit, test), ref in zip(folds, refs):
+            if cand != "off":
+                _apply(qmodel, layers, fit, cand, float_model)
+            kls.append(_kl(qmodel, test, ref))
+            restore()
+        report.heldout_kl[cand] = sum(kls) / len(kls)
+    return min(_CANDIDATES, key=lambda c: report.heldout_kl[c])
