@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 import zsq
+from zsq.bias_correction import BIAS_MODES, BiasCorrectionConfig, correct_bias
 from zsq.config import DistillConfig, QuantConfig
 from zsq.data import load_dataset
 from zsq.evaluate import compare
@@ -72,15 +73,26 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval", action="store_true", help="also print top-1 on the evaluation images (record only)")
+    ap.add_argument("--bias-correction", default="off", choices=BIAS_MODES,
+                    help="also score each candidate after zsq's bias correction (default off: the rows as measured "
+                         "before bias correction existed)")
+    ap.add_argument("--cache", default=None, help="save / reuse the distilled inputs here (.pt, weights_only)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     weights, data_path = MODELS[args.model]
     model, spec = load_model(args.model, weights=weights)
     model.eval()
-    x, ds = distilled(model, spec, seed=args.seed, batches=args.calib_batches, iters=DistillConfig().iterations)
-    hold, _ = distilled(model, spec, seed=1000 + args.seed, batches=args.holdout_batches,
-                        iters=DistillConfig().iterations)
+    cache = Path(args.cache) if args.cache else None
+    if cache is not None and cache.exists():  # {"x": calibration inputs, "h": held-apart inputs}
+        d = torch.load(cache, weights_only=True)
+        x, hold, ds = d["x"], d["h"], 0.0
+    else:
+        x, ds = distilled(model, spec, seed=args.seed, batches=args.calib_batches, iters=DistillConfig().iterations)
+        hold, _ = distilled(model, spec, seed=1000 + args.seed, batches=args.holdout_batches,
+                            iters=DistillConfig().iterations)
+        if cache is not None:
+            torch.save({"x": x, "h": hold}, cache)
     print(f"{x.shape[0]} distilled inputs ({ds:.0f}s), {hold.shape[0]} held apart", flush=True)
     folded, _ = zsq.fold_batchnorm(model)
     overrides: dict[str, Any] = dict(FIRST_LAST_8)
@@ -109,11 +121,14 @@ def main() -> None:
                           holdout_inputs=hold)
             row = {"candidate": text, "holdout_kl_before": rep.holdout_kl_before,
                    "holdout_kl_after": rep.holdout_kl_after, "seconds": time.perf_counter() - t}
+        if args.bias_correction != "off":  # as zsq quantize: after recovery, on the final weights
+            bias = correct_bias(q, folded, x, config=BiasCorrectionConfig(mode=args.bias_correction))
+            row.update(bias_mode=bias.mode, holdout_kl_bias_corrected=holdout_kl(model, q, hold))
         if eval_ds is not None:
             row["top1_record_only"] = compare(model, q, eval_ds, progress=False)["quantized"]["top1"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    best = min(rows, key=lambda r: r["holdout_kl_after"])
+    best = min(rows, key=lambda r: r.get("holdout_kl_bias_corrected", r["holdout_kl_after"]))
     print(f"lowest held-apart KL: {best['candidate']}", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "best": best["candidate"]}, indent=2))

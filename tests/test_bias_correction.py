@@ -103,7 +103,10 @@ def test_auto_chooses_the_lowest_heldout_kl_and_applies_it(pair, data):
     state = {k: v.clone() for k, v in q.state_dict().items()}
     report = correct_bias(q, folded, data)  # auto
     assert report.requested == "auto" and set(report.heldout_kl) == {"off", "weight", "output"}
-    assert report.mode == min(report.heldout_kl, key=report.heldout_kl.get)
+    assert set(report.gain_z) == {"weight", "output"}
+    significant = [c for c, z in report.gain_z.items() if z > bc.SIGNIFICANCE_Z]
+    assert significant, report  # at W4A4 both corrections clearly help this model
+    assert report.mode == min(significant, key=report.heldout_kl.get)
     # the held-apart scores are what they say: fit on one half, KL on the other, both ways
     half = data.shape[0] // 2
     q2 = zsq.quantize(folded, QuantConfig(wbits=4, abits=4))
@@ -115,6 +118,19 @@ def test_auto_chooses_the_lowest_heldout_kl_and_applies_it(pair, data):
     correct_bias(q2, folded, data, config=BiasCorrectionConfig(mode=report.mode))
     for k, v in q.state_dict().items():
         torch.testing.assert_close(v, q2.state_dict()[k], atol=0, rtol=0)
+
+
+def test_decide_needs_a_significant_gain_over_off():
+    off = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    noisy = off + torch.tensor([-0.5, 0.4, -0.5, 0.4, -0.5, 0.3])  # lower mean, inconsistent across inputs
+    steady = off - 0.1  # lower on every input
+    better = off - 0.5
+    assert bc.decide({"off": off, "weight": noisy})[0] == "off"
+    mode, gains = bc.decide({"off": off, "weight": steady, "output": noisy})
+    assert mode == "weight" and gains["weight"] > 100 and gains["output"] < bc.SIGNIFICANCE_Z
+    assert bc.decide({"off": off, "weight": steady, "output": better})[0] == "output"  # lowest mean among passing
+    assert bc.decide({"off": off, "weight": off + 1})[0] == "off"  # worse is never chosen
+    assert bc.decide({"off": off, "weight": noisy}, z=0.0)[0] == "weight"
 
 
 def test_auto_lowers_the_kl_on_inputs_it_did_not_fit(pair, data):

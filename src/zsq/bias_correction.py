@@ -16,40 +16,44 @@ measure the shift of layer ``L`` (per output channel, averaged over the batch an
 Layers are corrected in the order the data flows (one forward pass; each layer sees the corrections of
 the layers before it). ``auto`` (the default) chooses between ``off``, ``weight`` and ``output`` on the
 calibration inputs themselves: each candidate is fitted on one half and scored by the KL divergence of
-the quantized model's outputs to the FP32 model's on the other half (and the halves swapped). No
-evaluation image is involved. Why both modes exist (numbers in ``BENCHMARKS.md``): ``weight`` removes
-most of the 8-bit weight error of EfficientNet-Lite, where ``output`` makes it worse; on the CIFAR
-ResNets ``output`` is the better one at 4-6 bits.
+the quantized model's outputs to the FP32 model's on the other half (and the halves swapped); a correction
+is applied only if it beats ``off`` by more than two standard errors there. No evaluation image is
+involved. Why both modes exist (numbers in ``BENCHMARKS.md``): ``weight`` removes most of the 8-bit
+weight error of EfficientNet-Lite, where ``output`` makes it worse; on the CIFAR ResNets ``output`` is
+the better one at 4-6 bits.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import _JsonMixin
 from .errors import ConfigError, NotCalibratedError
 from .quant.modules import QUANT_LAYER_TYPES
+from .recover.blocks import layer_forward  # FP32 weight in place of the fake-quantized one
 from .sensitivity.kl import kl_divergence
 from .state import eval_mode
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BIAS_MODES", "BiasCorrectionConfig", "BiasCorrectionReport", "correct_bias"]
+__all__ = ["BIAS_MODES", "BiasCorrectionConfig", "BiasCorrectionReport", "correct_bias", "decide"]
 
 #: Values of ``BiasCorrectionConfig.mode``.
 BIAS_MODES = ("auto", "weight", "output", "off")
 _CANDIDATES = ("off", "weight", "output")  # what ``auto`` chooses from
 #: ``auto`` needs at least this many inputs per half to compare candidates; below it, it uses ``weight``.
 MIN_INPUTS_PER_FOLD = 2
+#: ``auto`` applies a correction only if it lowers the held-apart KL by more than this many standard errors
+#: of the mean per-input difference to ``off`` (paired: the same held-apart inputs); otherwise the biases
+#: stay as calibrated. 2 is the conventional two-sided 95 % level, not a tuned value.
+SIGNIFICANCE_Z = 2.0
 
 
 @dataclass(frozen=True)
@@ -83,12 +87,15 @@ class BiasCorrectionReport(_JsonMixin):
     max_shift: float = 0.0
     inputs: int = 0
     heldout_kl: dict[str, float] = field(default_factory=dict)
+    gain_z: dict[str, float] = field(default_factory=dict)  # auto: KL lowered vs off, in standard errors
     seconds: float = 0.0
 
     def __str__(self) -> str:
         s = f"bias correction: {self.mode}"
         if self.requested == "auto":
-            s += " (auto; held-apart KL " + ", ".join(f"{k} {v:.4g}" for k, v in self.heldout_kl.items()) + ")"
+            s += " (auto; held-apart KL " + ", ".join(
+                f"{k} {v:.4g}" + (f" [{self.gain_z[k]:+.1f} SE]" if k in self.gain_z else "")
+                for k, v in self.heldout_kl.items()) + ")"
         if self.mode != "off":
             s += f", {self.layers} layers, largest shift {self.max_shift:.3g}"
         if self.skipped_no_bias:
@@ -101,13 +108,6 @@ def _channel_mean(y: torch.Tensor) -> torch.Tensor:
     if y.dim() == 2:
         return y.mean(0)
     return y.transpose(0, 1).reshape(y.shape[1], -1).mean(1)
-
-
-def _float_output(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``mod``'s output with its FP32 weight (quantized layers quantize their weight on every forward)."""
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
-        return mod._conv_forward(x, mod.weight, mod.bias)
-    return F.linear(x, mod.weight, mod.bias)
 
 
 def _layers(qmodel: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
@@ -152,7 +152,8 @@ def _apply(qmodel: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor, mod
     def make(name: str):
         def hook(mod: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
             nonlocal largest
-            target = targets[name] if targets is not None else _channel_mean(_float_output(mod, inputs[0]))
+            target = (targets[name] if targets is not None
+                      else _channel_mean(layer_forward(mod, inputs[0], mod.weight)))
             shift = target - _channel_mean(out)
             mod.bias.add_(shift.to(mod.bias.dtype))
             largest = max(largest, float(shift.abs().max()))
@@ -164,9 +165,28 @@ def _apply(qmodel: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor, mod
     return largest
 
 
-@torch.no_grad()
-def _kl(qmodel: nn.Module, x: torch.Tensor, ref: torch.Tensor) -> float:
-    return float(kl_divergence(ref, qmodel(x)).mean())
+def decide(per_input_kl: dict[str, torch.Tensor], *, z: float = SIGNIFICANCE_Z) -> tuple[str, dict[str, float]]:
+    """``auto``'s rule: among the corrections whose held-apart KL is lower than ``off``'s by more than ``z``
+    standard errors (paired over the same inputs), the one with the lowest mean KL; ``off`` if none is.
+
+    ``per_input_kl`` maps ``off`` and each candidate to its per-input KL on the held-apart inputs. Returns the
+    choice and each candidate's gain over ``off`` in standard errors.
+    """
+    off = per_input_kl["off"].double()
+    gains: dict[str, float] = {}
+    passing = []
+    for cand, kl in per_input_kl.items():
+        if cand == "off":
+            continue
+        d = off - kl.double()
+        se = float(d.std() / d.numel() ** 0.5) if d.numel() > 1 else 0.0
+        mean = float(d.mean())
+        gains[cand] = mean / se if se > 0 else (float("inf") if mean > 0 else 0.0)
+        if gains[cand] > z:
+            passing.append(cand)
+    if not passing:
+        return "off", gains
+    return min(passing, key=lambda c: float(per_input_kl[c].mean())), gains
 
 
 def correct_bias(
@@ -235,7 +255,8 @@ def correct_bias(
 
 def _choose(qmodel: nn.Module, float_model: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor,
             report: BiasCorrectionReport, restore) -> str:
-    """``auto``: fit each candidate on one half of ``x``, score the KL to FP32 on the other (both ways)."""
+    """``auto``: fit each candidate on one half of ``x``, score the KL to FP32 on the other (both ways), and
+    :func:`decide`."""
     half = x.shape[0] // 2
     if half < MIN_INPUTS_PER_FOLD:
         log.info("bias correction auto: %d inputs are too few to compare modes on held-apart halves; using 'weight'",
@@ -244,12 +265,16 @@ def _choose(qmodel: nn.Module, float_model: nn.Module, layers: dict[str, nn.Modu
     folds = [(x[:half], x[half:]), (x[half:], x[:half])]
     with torch.no_grad():
         refs = [float_model(test) for _, test in folds]
+    per_input: dict[str, torch.Tensor] = {}
     for cand in _CANDIDATES:
         kls = []
         for (fit, test), ref in zip(folds, refs):
             if cand != "off":
                 _apply(qmodel, layers, fit, cand, float_model)
-            kls.append(_kl(qmodel, test, ref))
+            with torch.no_grad():
+                kls.append(kl_divergence(ref, qmodel(test)))
             restore()
-        report.heldout_kl[cand] = sum(kls) / len(kls)
-    return min(_CANDIDATES, key=lambda c: report.heldout_kl[c])
+        per_input[cand] = torch.cat(kls)
+        report.heldout_kl[cand] = float(per_input[cand].mean())
+    mode, report.gain_z = decide(per_input)
+    return mode

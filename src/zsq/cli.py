@@ -305,8 +305,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
               f"KL {r['kl']:.4f}  on {r['eval']['num_images']} images")
     bc = r["bias_correction"]
     if bc["mode"] != "off" or bc["requested"] == "auto":
-        chosen = f" (auto: held-apart KL {', '.join(f'{k} {v:.4f}' for k, v in bc['heldout_kl'].items())})" \
-            if bc["requested"] == "auto" and bc["heldout_kl"] else ""
+        scores = [f"{k} {v:.4f}" + (f" ({bc['gain_z'][k]:+.1f} SE)" if k in bc["gain_z"] else "")
+                  for k, v in bc["heldout_kl"].items()]
+        chosen = f" (auto: held-apart KL {', '.join(scores)})" if bc["requested"] == "auto" and scores else ""
         print(f"bias correction: {bc['mode']}{chosen}, {t['bias_correction']:.1f}s")
     if "recover" in t:
         print(f"recovery ({args.recover}): {t['recover']:.1f}s")
