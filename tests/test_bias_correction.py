@@ -104,9 +104,8 @@ def test_auto_chooses_the_lowest_heldout_kl_and_applies_it(pair, data):
     report = correct_bias(q, folded, data)  # auto
     assert report.requested == "auto" and set(report.heldout_kl) == {"off", "weight", "output"}
     assert set(report.gain_z) == {"weight", "output"}
-    significant = [c for c, z in report.gain_z.items() if z > bc.SIGNIFICANCE_Z]
-    assert significant, report  # at W4A4 both corrections clearly help this model
-    assert report.mode == min(significant, key=report.heldout_kl.get)
+    assert report.mode == min(report.heldout_kl, key=report.heldout_kl.get)
+    assert report.mode != "off" and report.gain_z[report.mode] > 0  # at W4A4 a correction helps this model
     # the held-apart scores are what they say: fit on one half, KL on the other, both ways
     half = data.shape[0] // 2
     q2 = zsq.quantize(folded, QuantConfig(wbits=4, abits=4))
@@ -120,17 +119,15 @@ def test_auto_chooses_the_lowest_heldout_kl_and_applies_it(pair, data):
         torch.testing.assert_close(v, q2.state_dict()[k], atol=0, rtol=0)
 
 
-def test_decide_needs_a_significant_gain_over_off():
+def test_decide_takes_the_lowest_mean_and_reports_paired_gains():
     off = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
-    noisy = off + torch.tensor([-0.5, 0.4, -0.5, 0.4, -0.5, 0.3])  # lower mean, inconsistent across inputs
-    steady = off - 0.1  # lower on every input
-    better = off - 0.5
-    assert bc.decide({"off": off, "weight": noisy})[0] == "off"
+    noisy = off + torch.tensor([-0.5, 0.4, -0.5, 0.4, -0.5, 0.3])  # mean 0.067 lower, inconsistent across inputs
+    steady = off - 0.05  # lower on every input
     mode, gains = bc.decide({"off": off, "weight": steady, "output": noisy})
-    assert mode == "weight" and gains["weight"] > 100 and gains["output"] < bc.SIGNIFICANCE_Z
-    assert bc.decide({"off": off, "weight": steady, "output": better})[0] == "output"  # lowest mean among passing
+    assert mode == "output"  # the lowest mean wins, however noisy
+    assert gains["weight"] > 100 and 0 < gains["output"] < 1
+    assert gains["output"] == pytest.approx(0.0 + float((off - noisy).double().mean() / ((off - noisy).double().std() / 6 ** 0.5)))
     assert bc.decide({"off": off, "weight": off + 1})[0] == "off"  # worse is never chosen
-    assert bc.decide({"off": off, "weight": noisy}, z=0.0)[0] == "weight"
 
 
 def test_auto_lowers_the_kl_on_inputs_it_did_not_fit(pair, data):
