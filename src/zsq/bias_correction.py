@@ -33,7 +33,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from .config import _JsonMixin
+from .config import BIAS_MODES, _JsonMixin
 from .errors import ConfigError, NotCalibratedError
 from .quant.modules import QUANT_LAYER_TYPES
 from .recover.blocks import layer_forward  # FP32 weight in place of the fake-quantized one
@@ -44,8 +44,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["BIAS_MODES", "BiasCorrectionConfig", "BiasCorrectionReport", "correct_bias", "decide"]
 
-#: Values of ``BiasCorrectionConfig.mode``.
-BIAS_MODES = ("auto", "weight", "output", "off")
 _CANDIDATES = ("off", "weight", "output")  # what ``auto`` chooses from
 #: ``auto`` needs at least this many inputs per half to compare candidates; below it, it uses ``weight``.
 MIN_INPUTS_PER_FOLD = 2
@@ -87,7 +85,7 @@ class BiasCorrectionReport(_JsonMixin):
 
     def __str__(self) -> str:
         s = f"bias correction: {self.mode}"
-        if self.requested == "auto":
+        if self.requested == "auto" and self.heldout_kl:
             s += " (auto; held-apart KL " + ", ".join(
                 f"{k} {v:.4g}" + (f" [{self.gain_z[k]:+.1f} SE]" if k in self.gain_z else "")
                 for k, v in self.heldout_kl.items()) + ")"
@@ -99,9 +97,7 @@ class BiasCorrectionReport(_JsonMixin):
 
 
 def _channel_mean(y: torch.Tensor) -> torch.Tensor:
-    """Mean over every dimension but the channel one (dim 1; the last one of a 2-D linear output)."""
-    if y.dim() == 2:
-        return y.mean(0)
+    """Mean over every dimension but the channel one (dim 1: conv outputs and 2-D linear outputs)."""
     return y.transpose(0, 1).reshape(y.shape[1], -1).mean(1)
 
 
@@ -224,10 +220,8 @@ def correct_bias(
             for n, m in layers.items():
                 m.bias.copy_(saved[n])
 
-    contexts = [eval_mode(qmodel)] + ([eval_mode(float_model)] if float_model is not None else [])
-    with contextlib.ExitStack() as stack:
-        for c in contexts:
-            stack.enter_context(c)
+    float_eval = eval_mode(float_model) if float_model is not None else contextlib.nullcontext()
+    with eval_mode(qmodel), float_eval:
         try:
             mode = cfg.mode
             if mode == "auto":

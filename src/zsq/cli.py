@@ -94,7 +94,7 @@ def _distill_config(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import ACT_ESTIMATORS, QuantConfig, WEIGHT_ESTIMATORS
+    from .config import ACT_ESTIMATORS, BIAS_MODES, QuantConfig, WEIGHT_ESTIMATORS
 
     qd = QuantConfig()
     parser = argparse.ArgumentParser(
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also export: onnx writes model.int8.onnx (QDQ) and model.fp32.onnx into --out")
     p.add_argument("--export-weight-type", choices=("auto", "int8", "uint8"), default="auto",
                    help="ONNX weight integer type (default auto: exact on every CPU; see `zsq export --help`)")
-    p.add_argument("--bias-correction", choices=("auto", "weight", "output", "off"), default="auto",
+    p.add_argument("--bias-correction", choices=BIAS_MODES, default="auto",
                    help="after calibration, cancel each layer's mean output error through its bias: weight (the "
                         "layer's own weight error), output (match the FP32 layer's output mean), off, or auto "
                         "(default: the one with the lowest KL to FP32 on held-apart halves of the calibration data)")
@@ -236,6 +236,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from .bias_correction import BiasCorrectionReport
     from .config import QuantConfig
     from .pipeline import RunConfig, run
 
@@ -303,12 +304,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(f"top-1 FP32 {r['fp32']['top1']:.2f}  {label} {r['quantized']['top1']:.2f}  "
               f"(drop {r['fp32']['top1'] - r['quantized']['top1']:+.2f})  agreement {r['agreement']:.2f}%  "
               f"KL {r['kl']:.4f}  on {r['eval']['num_images']} images")
-    bc = r["bias_correction"]
-    if bc["mode"] != "off" or bc["requested"] == "auto":
-        scores = [f"{k} {v:.4f}" + (f" ({bc['gain_z'][k]:+.1f} SE)" if k in bc["gain_z"] else "")
-                  for k, v in bc["heldout_kl"].items()]
-        chosen = f" (auto: held-apart KL {', '.join(scores)})" if bc["requested"] == "auto" and scores else ""
-        print(f"bias correction: {bc['mode']}{chosen}, {t['bias_correction']:.1f}s")
+    bc = BiasCorrectionReport.from_dict(r["bias_correction"])
+    if bc.mode != "off" or bc.requested == "auto":
+        print(bc)
     if "recover" in t:
         print(f"recovery ({args.recover}): {t['recover']:.1f}s")
     print(f"time: distill {t['distill']:.1f}s  calibrate {t['calibrate']:.1f}s  evaluate {t['evaluate']:.1f}s  "

@@ -17,6 +17,7 @@ WEIGHT_QUANTIZERS = ("uniform", "nonuniform")  # nonuniform: codebook per layer/
 ACT_ESTIMATORS = ("minmax", "percentile", "mse")
 LR_SCHEDULES = ("constant", "cosine", "plateau")
 DISTILL_INITS = ("gaussian", "uniform")
+BIAS_MODES = ("auto", "weight", "output", "off")  # zsq.bias_correction.BiasCorrectionConfig.mode
 
 
 def check_bits(value: Any, what: str) -> int:

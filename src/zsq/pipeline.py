@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .config import DistillConfig, QuantConfig
+from .config import BIAS_MODES, DistillConfig, QuantConfig
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,6 @@ class RunConfig:
             raise ConfigError(f"export must be 'onnx' or None, got {self.export!r}")
         if self.calib_size is not None and self.calib_size < 1:
             raise ConfigError(f"calib_size must be >= 1, got {self.calib_size}")
-        from .bias_correction import BIAS_MODES
-
         if self.bias_correction not in BIAS_MODES:
             raise ConfigError(f"bias_correction must be one of {', '.join(BIAS_MODES)}, got {self.bias_correction!r}")
         if self.device not in ("cpu",) and not str(self.device).startswith("cuda"):
