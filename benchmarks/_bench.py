@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +70,26 @@ def onnx_logits(path: Path, x: torch.Tensor, *, threads: int, batch: int = 100) 
     name = sess.get_inputs()[0].name
     xs = x.numpy()
     return np.concatenate([sess.run(None, {name: xs[i:i + batch]})[0] for i in range(0, xs.shape[0], batch)])
+
+
+def distilled_batch(model: torch.nn.Module, spec, *, name: str, seed: int,
+                    cache_dir: Path | None = None) -> tuple[torch.Tensor, float]:
+    """One batch of zsq's default distilled data (``DistillConfig(seed=seed)``) and the seconds it took.
+
+    With ``cache_dir`` it is kept as ``<cache_dir>/<name>_seed<seed>.safetensors`` and read back on the next
+    call (0 seconds); the file is the inputs only, never a pickle."""
+    from safetensors.torch import load_file, save_file
+
+    import zsq
+    from zsq.config import DistillConfig
+
+    path = Path(cache_dir) / f"{name}_seed{seed}.safetensors" if cache_dir else None
+    if path is not None and path.exists():
+        return load_file(str(path))["inputs"], 0.0
+    t = time.perf_counter()
+    x = zsq.distill(model, spec.preprocessing, DistillConfig(seed=seed), progress=False).inputs
+    seconds = time.perf_counter() - t
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"inputs": x.contiguous()}, str(path))
+    return x, seconds

@@ -130,6 +130,85 @@ def test_decide_takes_the_lowest_mean_and_reports_paired_gains():
     assert bc.decide({"off": off, "weight": off + 1})[0] == "off"  # worse is never chosen
 
 
+def test_collapsed_means_one_class_for_every_input_where_fp32_varies():
+    ref = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0]])
+    one = torch.tensor([[0.0, 1.0, 0.0]]).repeat(3, 1)
+    assert bc.collapsed(ref, one)
+    assert not bc.collapsed(ref, ref)
+    assert not bc.collapsed(one, one)  # FP32 itself predicts one class: nothing collapsed
+    assert not bc.collapsed(ref[:1], one[:1])  # one input says nothing
+
+
+def test_decide_excludes_collapsed_candidates_unless_all_are():
+    off, weight, output = torch.full((4,), 3.0), torch.full((4,), 2.0), torch.full((4,), 1.0)
+    kls = {"off": off, "weight": weight, "output": output}
+    assert bc.decide(kls)[0] == "output"
+    assert bc.decide(kls, excluded=["output"])[0] == "weight"  # the lowest KL, but its outputs collapsed
+    assert bc.decide(kls, excluded=["output", "weight"])[0] == "off"
+    assert bc.decide(kls, excluded=["off", "weight", "output"])[0] == "output"  # all collapsed: the KL alone
+
+
+@pytest.fixture
+def varied(seed, data):
+    """(folded FP32, calibrated W4A4) of a small classifier whose predictions vary from input to input (the
+    tiny CNN of conftest classifies every random input as the same class, so nothing could collapse)."""
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4, padding=1, bias=False), nn.BatchNorm2d(8, momentum=None), nn.ReLU(),
+                      nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    m.train()
+    with torch.no_grad():
+        m(data)  # BatchNorm statistics of these inputs
+    m.eval()
+    folded, _ = zsq.fold_batchnorm(m)
+    q = zsq.quantize(folded, QuantConfig(wbits=4, abits=4))
+    zsq.calibrate(q, data, progress=False)
+    with torch.no_grad():
+        assert folded(data).argmax(1).unique().numel() > 3
+    return folded, q
+
+
+def _collapsing_output_mode(monkeypatch, q):
+    """Make mode 'output' push the last layer's bias so that every input is classified as class 0 (biases
+    are what correct_bias saves and restores, so the fake collapse is undone like a real correction)."""
+    last = list(bc._layers(q)[0].values())[-1]
+    real_apply = bc._apply
+
+    def apply(qmodel, layers, x, mode, float_model):
+        largest = real_apply(qmodel, layers, x, mode, float_model)
+        if mode == "output":
+            with torch.no_grad():
+                last.bias[0] += 1e4
+        return largest
+
+    monkeypatch.setattr(bc, "_apply", apply)
+
+
+def test_auto_detects_and_excludes_a_collapsed_correction(varied, data, monkeypatch, caplog):
+    folded, q = varied
+    _collapsing_output_mode(monkeypatch, q)
+    with caplog.at_level("WARNING", logger="zsq.bias_correction"):
+        report = correct_bias(q, folded, data)
+    assert report.collapsed == ["output"] and report.mode != "output"
+    assert "collapsed to one class: output: excluded" in str(report)
+    assert any("output excluded" in r.getMessage() for r in caplog.records)
+    with torch.no_grad():
+        assert folded(data).argmax(1).unique().numel() > 1
+        assert q(data).argmax(1).unique().numel() > 1  # what was applied is not the collapsed correction
+    assert bc.BiasCorrectionReport.from_dict(report.to_dict()).collapsed == ["output"]
+
+
+def test_an_explicit_mode_that_collapses_is_applied_with_a_warning(varied, data, monkeypatch, caplog):
+    folded, q = varied
+    _collapsing_output_mode(monkeypatch, q)
+    with caplog.at_level("WARNING", logger="zsq.bias_correction"):
+        report = correct_bias(q, folded, data, config=BiasCorrectionConfig(mode="output"))
+    assert report.mode == "output" and report.collapsed == ["output"]
+    assert "WARNING" in str(report) and any("predicts one class" in r.getMessage() for r in caplog.records)
+    q2 = zsq.quantize(folded, QuantConfig(wbits=4, abits=4))
+    zsq.calibrate(q2, data, progress=False)
+    assert correct_bias(q2, folded, data, config=BiasCorrectionConfig(mode="weight")).collapsed == []
+    assert "WARNING" not in str(correct_bias(q2, folded, data))
+
+
 def test_auto_lowers_the_kl_on_inputs_it_did_not_fit(pair, data):
     folded, q = _calibrated(pair, data)
     held = torch.randn(32, *data.shape[1:], generator=torch.Generator().manual_seed(99))
@@ -183,11 +262,11 @@ def test_exception_restores_biases_hooks_and_modes(pair, data, monkeypatch):
     calls = {"n": 0}
     real = bc._channel_mean
 
-    def flaky(y):
+    def flaky(y, dim):
         calls["n"] += 1
         if calls["n"] == 6:  # mid-way through the pass: some biases already moved
             raise RuntimeError("boom")
-        return real(y)
+        return real(y, dim)
 
     monkeypatch.setattr(bc, "_channel_mean", flaky)
     with pytest.raises(RuntimeError, match="boom"):
@@ -196,6 +275,24 @@ def test_exception_restores_biases_hooks_and_modes(pair, data, monkeypatch):
         assert torch.equal(m.bias, old[n]), n
     assert all(not m._forward_hooks for m in q.modules()) and all(not m._forward_hooks for m in folded.modules())
     assert all(m.training for m in q.modules())
+
+
+def test_linear_layers_on_sequences_are_corrected_per_feature(seed):
+    """A Linear layer applied to (N, T, C) inputs has its channels last: each output feature's mean over the
+    batch and the T positions is what the bias can absorb."""
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)).eval()
+    x = torch.randn(16, 5, 8, generator=torch.Generator().manual_seed(5)) + 0.5
+    q = zsq.quantize(model, QuantConfig(wbits=3, abits=8))
+    zsq.calibrate(q, x, progress=False)
+    old = {n: m.bias.detach().clone() for n, m in _layers(q).items()}
+    correct_bias(q, None, x, config=BiasCorrectionConfig(mode="weight"))
+    seen = _record(q, list(old), x)
+    for n, m in _layers(q).items():
+        inp, out = seen[n]
+        with torch.no_grad():
+            float_out = torch.nn.functional.linear(inp, m.weight, old[n])
+        torch.testing.assert_close(out.mean((0, 1)), float_out.mean((0, 1)), atol=1e-5, rtol=0)
+        assert not torch.allclose(out.mean((0, 2)), float_out.mean((0, 2)), atol=1e-3)  # T is not a channel
 
 
 def test_layers_without_bias_are_reported_and_left_alone(seed):

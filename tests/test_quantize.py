@@ -385,6 +385,12 @@ def test_bad_overrides(overrides):
         QuantConfig(overrides=overrides)
 
 
+def test_overrides_none_means_none_and_a_list_is_refused():
+    assert QuantConfig(overrides=None).overrides == {}
+    with pytest.raises(ConfigError, match="overrides must be a dict"):
+        QuantConfig(overrides=[("conv1", {"wbits": 4})])
+
+
 def test_quantize_rejects_non_config(branch):
     with pytest.raises(ConfigError):
         quantize(branch, {"wbits": 4})

@@ -17,9 +17,14 @@ Layers are corrected in the order the data flows (one forward pass; each layer s
 the layers before it). ``auto`` (the default) chooses between ``off``, ``weight`` and ``output`` on the
 calibration inputs themselves: each candidate is fitted on one half and scored by the KL divergence of
 the quantized model's outputs to the FP32 model's on the other half (and the halves swapped); the lowest
-wins. No evaluation image is involved. Why both modes exist (numbers in ``BENCHMARKS.md``): ``weight`` removes most of the 8-bit
-weight error of EfficientNet-Lite, where ``output`` makes it worse; on the CIFAR ResNets ``output`` is
-the better one at 4-6 bits.
+wins. A candidate whose held-apart predictions collapse to a single class (where the FP32 model's do not)
+is excluded first: a nearly constant output can have a low KL to FP32 at 4 bits (it hedges) and still be
+useless (EfficientNet-Lite1 W4A4, ``output``: KL 1.20 against 1.24 for ``weight``, 0 % top-1 on real
+images). No evaluation image is involved.
+
+Why both modes exist (numbers in ``BENCHMARKS.md``): ``weight`` removes most of the 8-bit weight error of
+EfficientNet-Lite, where ``output`` makes it worse (it shrinks how much the outputs vary from input to
+input, more with every block); on the CIFAR ResNets ``output`` is the better one at 4-6 bits.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from .state import eval_mode
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BIAS_MODES", "BiasCorrectionConfig", "BiasCorrectionReport", "correct_bias", "decide"]
+__all__ = ["BIAS_MODES", "BiasCorrectionConfig", "BiasCorrectionReport", "collapsed", "correct_bias", "decide"]
 
 _CANDIDATES = ("off", "weight", "output")  # what ``auto`` chooses from
 #: ``auto`` needs at least this many inputs per half to compare candidates; below it, it uses ``weight``.
@@ -81,6 +86,9 @@ class BiasCorrectionReport(_JsonMixin):
     inputs: int = 0
     heldout_kl: dict[str, float] = field(default_factory=dict)
     gain_z: dict[str, float] = field(default_factory=dict)  # auto: KL lowered vs off, in standard errors
+    #: corrections whose predictions collapsed to one class: excluded by ``auto`` (held-apart halves), or the
+    #: explicitly requested mode itself (on the calibration inputs; the model is left corrected, with a warning)
+    collapsed: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def __str__(self) -> str:
@@ -89,6 +97,12 @@ class BiasCorrectionReport(_JsonMixin):
             s += " (auto; held-apart KL " + ", ".join(
                 f"{k} {v:.4g}" + (f" [{self.gain_z[k]:+.1f} SE]" if k in self.gain_z else "")
                 for k, v in self.heldout_kl.items()) + ")"
+        if self.requested == "auto" and self.collapsed:
+            s += (f" [predictions collapsed to one class: {', '.join(self.collapsed)}"
+                  + ("; none excluded, all collapsed]" if len(self.collapsed) == len(_CANDIDATES) else ": excluded]"))
+        elif self.collapsed:
+            s += (" [WARNING: corrected, the model predicts one class for every calibration input; "
+                  "try bias correction 'weight' or 'off']")
         if self.mode != "off":
             s += f", {self.layers} layers, largest shift {self.max_shift:.3g}"
         if self.skipped_no_bias:
@@ -96,9 +110,15 @@ class BiasCorrectionReport(_JsonMixin):
         return s + f", {self.inputs} inputs, {self.seconds:.1f} s"
 
 
-def _channel_mean(y: torch.Tensor) -> torch.Tensor:
-    """Mean over every dimension but the channel one (dim 1: conv outputs and 2-D linear outputs)."""
-    return y.transpose(0, 1).reshape(y.shape[1], -1).mean(1)
+def _channel_dim(mod: nn.Module) -> int:
+    """Where a layer's output channels are: dim 1 for convolutions (N, C, ...), the last dim for linear layers
+    (N, C) or (N, T, C)."""
+    return -1 if isinstance(mod, nn.Linear) else 1
+
+
+def _channel_mean(y: torch.Tensor, dim: int) -> torch.Tensor:
+    """Mean over every dimension but the channel one (``dim``)."""
+    return y.movedim(dim, 0).reshape(y.shape[dim], -1).mean(1)
 
 
 def _layers(qmodel: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
@@ -128,7 +148,8 @@ def _float_means(float_model: nn.Module, names: list[str], x: torch.Tensor) -> d
         raise ConfigError(f"bias correction mode 'output' needs the FP32 model the quantized model was made from "
                           f"(BatchNorm folded, same layer names); it has no layer {missing[0]!r}")
     means: dict[str, torch.Tensor] = {}
-    with _hooks({n: mods[n] for n in names}, lambda n: lambda m, i, o: means.__setitem__(n, _channel_mean(o))):
+    with _hooks({n: mods[n] for n in names},
+                lambda n: lambda m, i, o: means.__setitem__(n, _channel_mean(o, _channel_dim(m)))):
         float_model(x)
     return means
 
@@ -143,12 +164,13 @@ def _apply(qmodel: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor, mod
     def make(name: str):
         def hook(mod: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
             nonlocal largest
+            dim = _channel_dim(mod) % out.dim()
             target = (targets[name] if targets is not None
-                      else _channel_mean(layer_forward(mod, inputs[0], mod.weight)))
-            shift = target - _channel_mean(out)
+                      else _channel_mean(layer_forward(mod, inputs[0], mod.weight), dim))
+            shift = target - _channel_mean(out, dim)
             mod.bias.add_(shift.to(mod.bias.dtype))
             largest = max(largest, float(shift.abs().max()))
-            return out + shift.reshape([1, -1] + [1] * (out.dim() - 2))
+            return out + shift.reshape([-1 if d == dim else 1 for d in range(out.dim())])
         return hook
 
     with _hooks(layers, make):
@@ -156,8 +178,19 @@ def _apply(qmodel: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor, mod
     return largest
 
 
-def decide(per_input_kl: dict[str, torch.Tensor]) -> tuple[str, dict[str, float]]:
-    """``auto``'s rule: the candidate with the lowest mean held-apart KL (``off`` included).
+def collapsed(reference: torch.Tensor, output: torch.Tensor) -> bool:
+    """True when ``output`` predicts the same class (argmax over dim 1) for every input while ``reference``
+    (the FP32 model's outputs on the same inputs) predicts more than one."""
+    if output.dim() < 2 or output.shape[0] < 2:
+        return False
+    return bool(output.argmax(1).unique().numel() == 1 and reference.argmax(1).unique().numel() > 1)
+
+
+def decide(per_input_kl: dict[str, torch.Tensor], *, excluded: tuple[str, ...] | list[str] = ()
+           ) -> tuple[str, dict[str, float]]:
+    """``auto``'s rule: the candidate with the lowest mean held-apart KL (``off`` included), among those not
+    ``excluded`` (candidates whose predictions collapsed to one class). When every candidate is excluded,
+    the exclusion says nothing and the lowest KL of all wins.
 
     ``per_input_kl`` maps ``off`` and each correction to its per-input KL on the held-apart inputs. Also
     returns, for the record, each correction's gain over ``off`` in standard errors of the paired per-input
@@ -173,7 +206,8 @@ def decide(per_input_kl: dict[str, torch.Tensor]) -> tuple[str, dict[str, float]
         se = float(d.std() / d.numel() ** 0.5) if d.numel() > 1 else 0.0
         mean = float(d.mean())
         gains[cand] = mean / se if se > 0 else (float("inf") if mean > 0 else 0.0)
-    return min(per_input_kl, key=lambda c: float(per_input_kl[c].mean())), gains
+    allowed = [c for c in per_input_kl if c not in excluded] or list(per_input_kl)
+    return min(allowed, key=lambda c: float(per_input_kl[c].mean())), gains
 
 
 def correct_bias(
@@ -230,6 +264,13 @@ def correct_bias(
             if mode != "off":
                 report.max_shift = _apply(qmodel, layers, x, mode, float_model)
                 report.layers = len(layers)
+                if cfg.mode != "auto" and float_model is not None:
+                    with torch.no_grad():
+                        if collapsed(float_model(x), qmodel(x)):
+                            report.collapsed = [mode]
+                            log.warning("bias correction %r: the corrected model predicts one class for every "
+                                        "calibration input (the FP32 model does not); try mode 'weight' or 'off'",
+                                        mode)
         except BaseException:
             restore()
             raise
@@ -257,9 +298,18 @@ def _choose(qmodel: nn.Module, float_model: nn.Module, layers: dict[str, nn.Modu
             if cand != "off":
                 _apply(qmodel, layers, fit, cand, float_model)
             with torch.no_grad():
-                kls.append(kl_divergence(ref, qmodel(test)))
+                out = qmodel(test)
+            kls.append(kl_divergence(ref, out))
+            if collapsed(ref, out) and cand not in report.collapsed:
+                report.collapsed.append(cand)
             restore()
         per_input[cand] = torch.cat(kls)
         report.heldout_kl[cand] = float(per_input[cand].mean())
-    mode, report.gain_z = decide(per_input)
+    mode, report.gain_z = decide(per_input, excluded=report.collapsed)
+    if report.collapsed and len(report.collapsed) < len(_CANDIDATES):
+        log.warning("bias correction auto: %s excluded (predictions on held-apart inputs collapsed to one class)",
+                    ", ".join(report.collapsed))
+    elif report.collapsed:
+        log.warning("bias correction auto: every candidate's predictions collapsed to one class on held-apart inputs "
+                    "(the quantized model is unusable at this setting); chose by the KL alone")
     return mode

@@ -102,8 +102,12 @@ class QuantConfig(_JsonMixin):
         _check_choice(self.act_estimator, ACT_ESTIMATORS, "act_estimator")
         if not (50.0 < float(self.act_percentile) <= 100.0):
             raise ConfigError(f"act_percentile must be in (50, 100], got {self.act_percentile}")
+        overrides = {} if self.overrides is None else self.overrides
+        if not isinstance(overrides, Mapping):
+            raise ConfigError("overrides must be a dict {module name or 're:' pattern: {wbits/abits/...} or None}, got "
+                              f"{type(overrides).__name__}")
         norm: dict[str, LayerOverride | None] = {}
-        for key, value in dict(self.overrides).items():
+        for key, value in dict(overrides).items():
             if not isinstance(key, str) or not key:
                 raise ConfigError(f"override keys must be non-empty module names or 're:' patterns, got {key!r}")
             if value is None or isinstance(value, LayerOverride):
