@@ -87,7 +87,7 @@ class QuantConfig(_JsonMixin):
     weight_symmetric: bool = True
     act_symmetric: bool = False
     weight_estimator: str = "minmax"
-    act_estimator: str = "percentile"
+    act_estimator: str = "mse"
     act_percentile: float = 99.99
     overrides: dict[str, Any] = field(default_factory=dict)
     skip: tuple[str, ...] = ()
