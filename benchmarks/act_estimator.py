@@ -32,13 +32,13 @@ from zsq.models import load_model  # noqa: E402
 from zsq.sensitivity.kl import kl_divergence  # noqa: E402
 
 ESTIMATORS = ["percentile", "minmax", "mse"]
-SETTINGS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8)}
+SETTINGS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="cifar_resnet20,cifar_resnet32,efficientnet_lite0,efficientnet_lite1")
-    ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--settings", default="W8A8,W6A6,W4A8", help=f"comma-separated, of {list(SETTINGS)}")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--bias-correction", default="auto", choices=BIAS_MODES)
     ap.add_argument("--threads", type=int, default=1)

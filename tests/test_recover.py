@@ -468,3 +468,25 @@ def test_recovering_twice_is_refused(recovered, setup):
     # without the FP32 model the check is skipped (the rounded weights become the reference)
     report = recover(q, None, train, RecoverConfig(method="adaround", iters=2), progress=False)
     assert report.max_code_change <= 1
+
+
+def test_recovery_starts_from_its_recipe_ranges_unless_told_to_keep_them(setup):
+    """The default RecoverConfig recalibrates the activation ranges with the percentile estimator (the start
+    its recipes were chosen from); act_estimator=None keeps the model's own (here: mse) ranges."""
+    fp32, _, train, holdout = setup
+    ranges = {}
+    for est in ("percentile", "mse"):
+        q = make_quantized(fp32, train, **{**W4A4_FL8, "act_estimator": est})
+        ranges[est] = {n: m.range() for n, m in q.named_modules() if isinstance(m, ActQuantizer)}
+    assert ranges["percentile"] != ranges["mse"]
+    for cfg_est, expect in (("percentile", "percentile"), (None, "mse")):
+        q = make_quantized(fp32, train, **{**W4A4_FL8, "act_estimator": "mse"})
+        report = recover(q, fp32, train, RecoverConfig(method="adaround", iters=0, act_estimator=cfg_est),
+                         progress=False)
+        assert report.config["act_estimator"] == cfg_est
+        got = {n: m.range() for n, m in q.named_modules() if isinstance(m, ActQuantizer)}
+        assert set(got) == set(ranges[expect])
+        for n, r in got.items():
+            assert r == pytest.approx(ranges[expect][n]), (cfg_est, n)
+    with pytest.raises(ConfigError, match="act_estimator"):
+        RecoverConfig(act_estimator="median")

@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..config import LARGE_INPUT_PIXELS, _JsonMixin
+from ..config import ACT_ESTIMATORS, LARGE_INPUT_PIXELS, _JsonMixin
 from ..errors import ConfigError, NotCalibratedError
 from ..quant import primitives as P
 from ..quant.modules import QUANT_LAYER_TYPES, ActQuantizer
@@ -128,7 +128,12 @@ class RecoverConfig(_JsonMixin):
     annealed exponent, and the fraction of steps before it starts; ``temperature``: of the finetune KL;
     ``unfreeze``: ``"hawq"`` (units unfrozen one per stage, most Hessian-sensitive first) or ``"all"``;
     ``hessian_iterations``: Hutchinson rounds for the HAWQ order; ``eval_batch_size``: batch of the
-    no-gradient passes that cache block inputs and targets; ``seed``: mini-batch sampling (and QDrop).
+    no-gradient passes that cache block inputs and targets; ``seed``: mini-batch sampling (and QDrop);
+    ``act_estimator``: the activation ranges reconstruction starts from. :func:`recover` recalibrates every
+    activation quantizer on its inputs with this estimator first (``None``: keep the model's ranges). The
+    default recipes were chosen from percentile ranges, and from zsq's default ``mse`` ranges BRECQ ended
+    worse on held-apart distilled data (ResNet-20, first/last 8-bit: W4A8 KL 0.093 against 0.053, W4A4
+    0.497 against 0.365), so the default is ``"percentile"`` (at the model's ``act_percentile``).
     """
 
     method: str = "brecq"
@@ -151,8 +156,12 @@ class RecoverConfig(_JsonMixin):
     hessian_iterations: int = 8
     eval_batch_size: int = 64
     seed: int = 0
+    act_estimator: str | None = "percentile"
 
     def __post_init__(self) -> None:
+        if self.act_estimator is not None and self.act_estimator not in ACT_ESTIMATORS:
+            raise ConfigError(f"RecoverConfig.act_estimator={self.act_estimator!r} is not one of "
+                              f"{', '.join(ACT_ESTIMATORS)} (or None: keep the calibrated ranges)")
         if self.method not in _METHODS:
             raise ConfigError(f"recovery method {self.method!r} is not one of {', '.join(_METHODS)}")
         if self.iters is not None:
@@ -398,6 +407,10 @@ def recover(
                                  progress=progress, float_weights=snapshot,
                                  generator=torch.Generator().manual_seed(cfg.seed), units=units)
             _check_float_reference(ctx)
+            if cfg.act_estimator is not None:  # the start the recipes were chosen from
+                from ..calibrate import calibrate
+
+                calibrate(gm, x, estimator=cfg.act_estimator, device=dev, progress=False)
             kl_before = kl_after = None
             if h is not None:
                 ref_h = ctx.teacher_logits(h)
