@@ -218,6 +218,18 @@ def test_recover_runs_and_exports(tmp_path, capsys, method):
     assert r["export"]["int8"]["ort"]["float_convs"] == 0
 
 
+@pytest.mark.parametrize("explicit", [None, "mse", "minmax"])
+def test_recover_starts_from_percentile_unless_an_estimator_is_given(tmp_path, capsys, explicit):
+    out = tmp_path / f"start-{explicit}"
+    extra = ["--act-estimator", explicit] if explicit else []
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--wbits", "4", "--recover", "adaround", "--recover-iters", "2",
+                     *extra, "--out", out, *FAST)
+    assert rc == 0, err
+    s = report(out)["settings"]
+    assert s["quant"]["act_estimator"] == (explicit or "mse")
+    assert s["recover"]["act_estimator"] == (None if explicit else "percentile")
+
+
 @pytest.mark.parametrize("flag", [("--recover-iters", "3"), ("--recover-drop-prob", "0.3")])
 def test_recover_options_without_recover(tmp_path, capsys, flag):
     rc, _, err = cli(capsys, "quantize", "tiny_cnn", *flag, "--out", tmp_path / "x", *FAST)

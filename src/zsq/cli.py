@@ -127,8 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-asymmetric", action="store_true", help="asymmetric (uint) weights instead of symmetric int")
     p.add_argument("--weight-estimator", choices=WEIGHT_ESTIMATORS, default=qd.weight_estimator,
                    help=f"weight range (default {qd.weight_estimator})")
-    p.add_argument("--act-estimator", choices=ACT_ESTIMATORS, default=qd.act_estimator,
-                   help=f"activation range estimator (default {qd.act_estimator})")
+    p.add_argument("--act-estimator", choices=ACT_ESTIMATORS, default=None,
+                   help=f"activation range estimator (default {qd.act_estimator}; with --recover and no "
+                        "--act-estimator, recovery starts from percentile ranges, the start its recipes were "
+                        "chosen from)")
     p.add_argument("--act-percentile", type=float, default=qd.act_percentile, help=f"for --act-estimator percentile (default {qd.act_percentile})")
     p.add_argument("--override", action="append", default=[], metavar="PATTERN=SPEC",
                    help="per-layer setting, e.g. '@first=w8a8', '@last=w8', 're:.*depthwise.*=w8', 'conv1=float' (repeatable)")
@@ -248,7 +250,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         wbits=args.wbits, abits=args.abits, weight_quantizer=args.weight_quantizer,
         weight_granularity="per_channel" if hybrid else args.weight_granularity,
         weight_symmetric=not args.weight_asymmetric, weight_estimator=args.weight_estimator,
-        act_estimator=args.act_estimator, act_percentile=args.act_percentile, overrides=overrides,
+        act_estimator=args.act_estimator or QuantConfig().act_estimator, act_percentile=args.act_percentile, overrides=overrides,
         skip=tuple(args.skip),
     )
     from .proxy import split_calib
@@ -269,7 +271,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         rcfg = RecoverConfig(method=args.recover, iters=args.recover_iters,
                              **({"batch_size": args.recover_batch_size} if args.recover_batch_size else {}),
-                             drop_prob=args.recover_drop_prob, seed=args.seed)
+                             drop_prob=args.recover_drop_prob, seed=args.seed,
+                             # an explicit --act-estimator is kept through recovery
+                             **({"act_estimator": None} if args.act_estimator is not None else {}))
     elif (args.recover_iters, args.recover_batch_size, args.recover_drop_prob) != (None, None, None):
         raise ConfigError("--recover-iters / --recover-batch-size / --recover-drop-prob need "
                           "--recover adaround|brecq|finetune")
