@@ -103,13 +103,14 @@ def run_model(name: str, args: argparse.Namespace, emit) -> None:
     print(f"{name}: FP32 top-1 {fp_top1:.2f} on {fp['n']} images", flush=True)
     folded, _ = zsq.fold_batchnorm(model)
     per: dict[tuple[str, str], list[dict]] = {}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         x, distill_s = distilled(model, spec, seed=seed, batches=calib_batches, iters=args.distill_iters)
         hold, _ = distilled(model, spec, seed=1000 + seed, batches=args.holdout_batches, iters=args.distill_iters)
         print(f"  seed {seed}: {x.shape[0]} distilled inputs in {distill_s:.1f}s (+{hold.shape[0]} held apart)",
               flush=True)
         for label, w, a in settings:
-            qcfg = QuantConfig(wbits=w, abits=a, overrides=FIRST_LAST_8)
+            qcfg = QuantConfig(wbits=w, abits=a, overrides=FIRST_LAST_8,
+                               **({"act_estimator": args.act_estimator} if args.act_estimator else {}))
             base = zsq.quantize(folded, qcfg)
             zsq.calibrate(base, x, progress=False)
             for method in ["ptq", *methods]:
@@ -229,6 +230,10 @@ def main() -> None:
     ap.add_argument("--settings", default=None, help="comma-separated subset of W4A4,W4A8")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed+seeds-1")
+    ap.add_argument("--act-estimator", default=None,
+                    help="activation ranges of the PTQ rows (default: zsq's; the tables up to session 7 used "
+                         "percentile). Recovery itself starts from RecoverConfig.act_estimator")
     ap.add_argument("--calib-batches", type=int, default=8, help="distilled batches for CIFAR models (32 inputs each)")
     ap.add_argument("--calib-batches-large", type=int, default=4,
                     help="distilled batches for ImageNet-sized models (16 inputs each)")
