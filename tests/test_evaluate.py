@@ -209,3 +209,16 @@ def test_logits_of() -> None:
         torch.testing.assert_close(out, model(x))
     with pytest.raises(ConfigError):
         logits_of(model, x, batch_size=0)
+
+
+def test_kl_ignores_classes_the_reference_gives_no_probability() -> None:
+    """A class with probability 0 under the reference adds nothing, even where the other model gives it
+    -inf log-probability (0 * inf would be nan); equal distributions give exactly 0."""
+    from zsq.sensitivity.kl import kl_divergence
+
+    ref = torch.tensor([[5.0, 1.0, float("-inf")], [0.0, 0.0, 0.0]])
+    cand = torch.tensor([[5.0, 1.0, float("-inf")], [0.0, 0.0, 0.0]])
+    out = kl_divergence(ref, cand)
+    assert torch.isfinite(out).all() and torch.equal(out, torch.zeros(2, dtype=torch.float64))
+    worse = kl_divergence(ref, torch.tensor([[1.0, 5.0, float("-inf")], [3.0, 0.0, 0.0]]))
+    assert torch.isfinite(worse).all() and (worse > 0).all()

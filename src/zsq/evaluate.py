@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .data.datasets import iter_batches
 from .errors import ConfigError, DatasetError
+from .sensitivity.kl import kl_divergence
 
 __all__ = ["EvalResult", "compare", "evaluate", "logits_of"]
 
@@ -196,7 +196,7 @@ def compare(
                 hits1[k] += h1
                 hits5[k] += h5 or 0
             agree += int((preds[0] == preds[1]).sum())
-            kl_sum += float(_kl_per_image(ref, cand).sum())
+            kl_sum += float(kl_divergence(ref, cand).sum())
             seen += len(y)
             bar.update(len(y))
     assert num_classes is not None
@@ -206,15 +206,6 @@ def compare(
         return {"top1": _pct(hits1[k], seen), "top5": _pct(hits5[k], seen) if has5 else None}
 
     return {"n": seen, "fp32": acc(0), "quantized": acc(1), "agreement": _pct(agree, seen), "kl": kl_sum / seen}
-
-
-def _kl_per_image(ref_logits: torch.Tensor, cand_logits: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(ref) || softmax(cand)) per row, in nats (float64; terms with p = 0 count 0)."""
-    log_p = F.log_softmax(ref_logits.to(torch.float64), dim=1)
-    log_q = F.log_softmax(cand_logits.to(torch.float64), dim=1)
-    p = log_p.exp()
-    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
-    return terms.sum(dim=1)
 
 
 def logits_of(

@@ -65,10 +65,14 @@ class KLConfig:
 
 
 def kl_divergence(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Per-row KL(softmax(ref) || softmax(logits)) in nats, computed in float64."""
+    """Per-row KL(softmax(ref) || softmax(logits)) in nats, computed in float64 (terms where the reference
+    probability underflows to 0 count 0, even against a -inf log-probability; rounding below 0 is clamped).
+    The one KL zsq uses everywhere: evaluation, sensitivity, bias correction, recovery."""
     log_p = F.log_softmax(ref_logits.double(), dim=1)
     log_q = F.log_softmax(logits.double(), dim=1)
-    return (log_p.exp() * (log_p - log_q)).sum(dim=1).clamp_min(0.0)
+    p = log_p.exp()
+    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    return terms.sum(dim=1).clamp_min(0.0)
 
 
 # ------------------------------------------------------------------------------------------------
