@@ -15,38 +15,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import RESNET_WEIGHTS  # noqa: E402
+from _bench import RESNET_WEIGHTS, distilled_batch  # noqa: E402
 
 import zsq  # noqa: E402
 from zsq.bias_correction import BiasCorrectionConfig, correct_bias  # noqa: E402
-from zsq.config import DistillConfig, QuantConfig  # noqa: E402
+from zsq.config import QuantConfig  # noqa: E402
 from zsq.models import load_model  # noqa: E402
 from zsq.sensitivity.kl import kl_divergence  # noqa: E402
 
 SETTINGS = [("W8A8", 8, 8), ("W6A6", 6, 6), ("W4A8", 4, 8)]
 MODES = ["off", "weight", "output", "auto"]
-
-
-def batches(model, spec, name: str, cache_dir: Path | None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    path = cache_dir / f"{name}.safetensors" if cache_dir else None
-    if path is not None and path.exists():
-        d = load_file(str(path))
-        return d["fit"], d["held"], 0.0
-    t = time.perf_counter()
-    fit = zsq.distill(model, spec.preprocessing, DistillConfig(seed=0), progress=False).inputs
-    held = zsq.distill(model, spec.preprocessing, DistillConfig(seed=1000), progress=False).inputs
-    seconds = time.perf_counter() - t
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"fit": fit.contiguous(), "held": held.contiguous()}, str(path))
-    return fit, held, seconds
 
 
 def main() -> None:
@@ -63,7 +46,9 @@ def main() -> None:
         weights = RESNET_WEIGHTS.get(name)
         model, spec = load_model(name, **({"weights": weights} if weights else {}))
         model.eval()
-        fit, held, ds = batches(model, spec, name, Path(args.cache_dir) if args.cache_dir else None)
+        fit, fit_s = distilled_batch(model, spec, name=name, seed=0, cache_dir=args.cache_dir)
+        held, held_s = distilled_batch(model, spec, name=name, seed=1000, cache_dir=args.cache_dir)
+        ds = fit_s + held_s
         folded, _ = zsq.fold_batchnorm(model)
         with torch.no_grad():
             ref = model(held)
