@@ -39,7 +39,7 @@ from zsq.bias_correction import BIAS_MODES, BiasCorrectionConfig, correct_bias
 from zsq.config import DistillConfig, QuantConfig
 from zsq.data import load_dataset
 from zsq.evaluate import logits_of
-from zsq.sensitivity.kl import kl_divergence
+from zsq.metrics import kl_divergence
 from zsq.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

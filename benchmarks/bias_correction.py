@@ -26,7 +26,7 @@ import zsq  # noqa: E402
 from zsq.bias_correction import BiasCorrectionConfig, correct_bias  # noqa: E402
 from zsq.config import QuantConfig  # noqa: E402
 from zsq.models import load_model  # noqa: E402
-from zsq.sensitivity.kl import kl_divergence  # noqa: E402
+from zsq.metrics import kl_divergence  # noqa: E402
 
 SETTINGS = [("W8A8", 8, 8), ("W6A6", 6, 6), ("W4A8", 4, 8)]
 MODES = ["off", "weight", "output", "auto"]

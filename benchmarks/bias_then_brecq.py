@@ -27,7 +27,7 @@ from zsq.data import load_dataset
 from zsq.evaluate import compare
 from zsq.models import load_model
 from zsq.recover import RecoverConfig, recover
-from zsq.sensitivity.kl import kl_divergence
+from zsq.metrics import kl_divergence
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIRST_LAST_8 = {"@first": {"wbits": 8, "abits": 8}, "@last": {"wbits": 8, "abits": 8}}

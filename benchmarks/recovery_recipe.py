@@ -30,7 +30,7 @@ from zsq.data import load_dataset
 from zsq.evaluate import compare
 from zsq.models import load_model
 from zsq.recover import RecoverConfig, recover
-from zsq.sensitivity.kl import kl_divergence
+from zsq.metrics import kl_divergence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recovery import FIRST_LAST_8, MODELS, clone, distilled  # noqa: E402

@@ -33,7 +33,7 @@ from zsq.evaluate import compare  # noqa: E402
 from zsq.models import load_model  # noqa: E402
 from zsq.bias_correction import correct_bias  # noqa: E402
 from zsq.quant.modules import QUANT_LAYER_TYPES, ActQuantizer  # noqa: E402
-from zsq.sensitivity.kl import kl_divergence  # noqa: E402
+from zsq.metrics import kl_divergence  # noqa: E402
 
 
 def acts_off(q: torch.nn.Module) -> None:

@@ -27,7 +27,7 @@ import zsq  # noqa: E402
 from zsq.config import DistillConfig, QuantConfig  # noqa: E402
 from zsq.models import load_model  # noqa: E402
 from zsq.quant.modules import QUANT_LAYER_TYPES, ActQuantizer  # noqa: E402
-from zsq.sensitivity.kl import kl_divergence  # noqa: E402
+from zsq.metrics import kl_divergence  # noqa: E402
 
 TOP = 8
 

@@ -12,7 +12,7 @@ from zsq.bias_correction import BiasCorrectionConfig, correct_bias
 from zsq.config import QuantConfig
 from zsq.errors import ConfigError, NotCalibratedError, ZsqError
 from zsq.quant.modules import QUANT_LAYER_TYPES
-from zsq.sensitivity.kl import kl_divergence
+from zsq.metrics import kl_divergence
 
 from conftest import require_shared
 

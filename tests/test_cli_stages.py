@@ -230,7 +230,8 @@ def test_recover_starts_from_percentile_unless_an_estimator_is_given(tmp_path, c
     assert s["recover"]["act_estimator"] == (None if explicit else "percentile")
 
 
-@pytest.mark.parametrize("flag", [("--recover-iters", "3"), ("--recover-drop-prob", "0.3")])
+@pytest.mark.parametrize("flag", [("--recover-iters", "3"), ("--recover-drop-prob", "0.3"),
+                                  ("--recover-fisher", "0.5")])
 def test_recover_options_without_recover(tmp_path, capsys, flag):
     rc, _, err = cli(capsys, "quantize", "tiny_cnn", *flag, "--out", tmp_path / "x", *FAST)
     assert rc == 2 and "--recover" in err and "Traceback" not in err
@@ -240,3 +241,14 @@ def test_recover_drop_prob_out_of_range(tmp_path, capsys):
     rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--recover", "brecq", "--recover-drop-prob", "1.5",
                      "--out", tmp_path / "x", *FAST)
     assert rc == 2 and "drop_prob" in err and "Traceback" not in err
+
+
+def test_recover_fisher(tmp_path, capsys):
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--recover", "adaround", "--recover-fisher", "0.5",
+                     "--out", tmp_path / "x", *FAST)
+    assert rc == 2 and "fisher" in err and "brecq" in err and "Traceback" not in err
+    out = tmp_path / "ok"
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--wbits", "4", "--recover", "brecq", "--recover-iters", "2",
+                     "--recover-fisher", "1", "--out", out, *FAST)
+    assert rc == 0, err
+    assert report(out)["settings"]["recover"]["fisher"] == 1.0

@@ -214,7 +214,7 @@ def test_logits_of() -> None:
 def test_kl_ignores_classes_the_reference_gives_no_probability() -> None:
     """A class with probability 0 under the reference adds nothing, even where the other model gives it
     -inf log-probability (0 * inf would be nan); equal distributions give exactly 0."""
-    from zsq.sensitivity.kl import kl_divergence
+    from zsq.metrics import kl_divergence
 
     ref = torch.tensor([[5.0, 1.0, float("-inf")], [0.0, 0.0, 0.0]])
     cand = torch.tensor([[5.0, 1.0, float("-inf")], [0.0, 0.0, 0.0]])

@@ -19,7 +19,8 @@ from zsq.quant.modules import QUANT_LAYER_TYPES, ActQuantizer
 from zsq.recover import METHODS, RecoverConfig, find_units, method_defaults, recover
 from zsq.recover.adaround import (GAMMA, ZETA, LearnedRounding, beta_at, inverse_rectified_sigmoid,
                                   rectified_sigmoid, rounding_regularizer)
-from zsq.recover.blocks import UnitRunner, float_weights, no_act
+from zsq.recover.blocks import (UnitRunner, fisher_weights, float_weights, no_act, reconstruction_loss,
+                                suffix_runner)
 from zsq.recover.brecq import lsq_fake_quantize
 
 ITERS = 40
@@ -232,6 +233,69 @@ def test_brecq_with_learned_biases(setup):
     assert report.holdout_kl_after < report.holdout_kl_before
     assert {n: p.requires_grad for n, p in q.named_parameters()} == flags
     for bad in (dict(method="adaround", learn_bias=True), dict(learn_bias="yes"), dict(bias_lr=-1.0)):
+        with pytest.raises(ConfigError):
+            RecoverConfig(**bad)
+
+
+def test_suffix_runner_completes_every_unit_to_the_logits(setup):
+    fp32, qmodel, train, _ = setup
+    snapshot = {n: m.weight.detach() for n, m in qmodel.named_modules() if isinstance(m, QUANT_LAYER_TYPES)}
+    fw = float_weights(snapshot)
+    ref = fp32(train[:8]).detach()
+    y = train[:8]
+    for u in find_units(qmodel):
+        y = UnitRunner.for_unit(qmodel, u).batched(y, batch_size=8, weight_fn=fw, act_fn=no_act)
+        got = suffix_runner(qmodel, u).batched(y, batch_size=8, weight_fn=fw, act_fn=no_act)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fisher_weights(setup):
+    fp32, qmodel, train, _ = setup
+    snapshot = {n: m.weight.detach() for n, m in qmodel.named_modules() if isinstance(m, QUANT_LAYER_TYPES)}
+    fw = float_weights(snapshot)
+    unit = find_units(qmodel)[1]
+    y = UnitRunner.for_unit(qmodel, find_units(qmodel)[0]).batched(train[:16], batch_size=8, weight_fn=fw,
+                                                                  act_fn=no_act)
+    y = UnitRunner.for_unit(qmodel, unit).batched(y, batch_size=8, weight_fn=fw, act_fn=no_act)
+    suffix = suffix_runner(qmodel, unit)
+
+    def weights(mix, seed=0, samples=1):
+        return fisher_weights(suffix, y, weight_fn=fw, batch_size=8, generator=torch.Generator().manual_seed(seed),
+                              mix=mix, samples=samples)
+
+    w = weights(1.0)
+    assert w.shape == y.shape and bool((w >= 0).all())
+    assert abs(float(w.double().mean()) - 1.0) < 1e-4
+    assert float(w.std()) > 0.1  # not uniform: some output elements matter more than others
+    assert torch.equal(w, weights(1.0))  # deterministic under the generator's seed
+    assert not torch.equal(w, weights(1.0, seed=1))  # labels are drawn from the float model's softmax
+    torch.testing.assert_close(weights(0.0), torch.ones_like(y))
+    torch.testing.assert_close(weights(0.5), 0.5 + 0.5 * w)
+    # the weighted loss ignores what has zero weight, and weight 1 is the plain loss
+    a, b = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    mask = torch.ones_like(a)
+    mask[:, 1] = 0
+    torch.testing.assert_close(reconstruction_loss(a, b, torch.ones_like(a)), reconstruction_loss(a, b))
+    b2 = b.clone()
+    b2[:, 1] += 100.0
+    torch.testing.assert_close(reconstruction_loss(a, b, mask), reconstruction_loss(a, b2, mask))
+
+
+def test_brecq_with_fisher_weighting(setup):
+    fp32, qmodel, train, holdout = setup
+    reports = {}
+    for mix in (0.0, 1.0):
+        q = clone(qmodel)
+        reports[mix] = recover(q, fp32, train, RecoverConfig(method="brecq", iters=ITERS, batch_size=16, fisher=mix),
+                               progress=False, holdout_inputs=holdout)
+        assert reports[mix].holdout_kl_after < reports[mix].holdout_kl_before
+        assert reports[mix].max_code_change <= 1
+    # a different objective learns different roundings
+    assert [u.loss_after for u in reports[0.0].units] != [u.loss_after for u in reports[1.0].units]
+    assert RecoverConfig(method="brecq").resolved().fisher == 0.0
+    assert RecoverConfig.from_dict(RecoverConfig(fisher=0.5).to_dict()).fisher == 0.5
+    for bad in (dict(fisher=1.5), dict(fisher=-0.1), dict(fisher=True), dict(method="adaround", fisher=0.5),
+                dict(fisher_samples=0)):
         with pytest.raises(ConfigError):
             RecoverConfig(**bad)
 

@@ -10,7 +10,6 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-import zsq
 from zsq.config import QuantConfig
 from zsq.errors import ConfigError
 from zsq.quant.modules import QUANT_LAYER_TYPES, ActQuantizer
@@ -67,7 +66,7 @@ def test_kl_table_shape_monotone_and_suffix_equals_full(qtiny, inputs):
 def test_kl_matches_direct_definition(qtiny, inputs):
     """Omega_conv2(2) = mean KL(float model || model with only conv2 at 2 bits), computed by hand."""
     from zsq.sensitivity import make_weight_quantizer
-    from zsq.sensitivity.kl import kl_divergence
+    from zsq.metrics import kl_divergence
 
     t = compute_sensitivity(qtiny, inputs, method="kl", bits=(2,), progress=False)
     layer = dict(target_layers(qtiny))["conv2"]

@@ -42,7 +42,7 @@ from .config import BIAS_MODES, _JsonMixin
 from .errors import ConfigError, NotCalibratedError
 from .quant.modules import QUANT_LAYER_TYPES
 from .recover.blocks import layer_forward  # FP32 weight in place of the fake-quantized one
-from .sensitivity.kl import kl_divergence
+from .metrics import kl_divergence
 from .state import eval_mode
 
 log = logging.getLogger(__name__)

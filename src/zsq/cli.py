@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recover-drop-prob", type=float, default=None, metavar="P",
                    help="QDrop: probability of leaving an activation unquantized while reconstructing, in [0, 1) "
                         "(default 0.5 for brecq, 0 for adaround/finetune)")
+    g.add_argument("--recover-fisher", type=float, default=None, metavar="MIX",
+                   help="brecq: weigh each block's output error by the float model's Fisher information, mixed "
+                        "with the plain squared error as (1 - MIX) + MIX * Fisher, MIX in [0, 1] (default 0: plain)")
     _add_distill_args(p)
     from .sensitivity.commands import add_mixed_precision_args
 
@@ -271,11 +274,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         rcfg = RecoverConfig(method=args.recover, iters=args.recover_iters,
                              **({"batch_size": args.recover_batch_size} if args.recover_batch_size else {}),
-                             drop_prob=args.recover_drop_prob, seed=args.seed,
+                             drop_prob=args.recover_drop_prob, seed=args.seed, fisher=args.recover_fisher,
                              # an explicit --act-estimator is kept through recovery
                              **({"act_estimator": None} if args.act_estimator is not None else {}))
-    elif (args.recover_iters, args.recover_batch_size, args.recover_drop_prob) != (None, None, None):
-        raise ConfigError("--recover-iters / --recover-batch-size / --recover-drop-prob need "
+    elif (args.recover_iters, args.recover_batch_size, args.recover_drop_prob,
+          args.recover_fisher) != (None, None, None, None):
+        raise ConfigError("--recover-iters / --recover-batch-size / --recover-drop-prob / --recover-fisher need "
                           "--recover adaround|brecq|finetune")
     cfg = RunConfig(model=args.model, weights=args.weights, quant=qcfg, distill=_distill_config(args), calib=calib,
                     calib_size=args.calib_size, eval=args.eval, eval_split=args.eval_split,

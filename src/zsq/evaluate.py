@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .data.datasets import iter_batches
 from .errors import ConfigError, DatasetError
-from .sensitivity.kl import kl_divergence
+from .metrics import kl_divergence
 
 __all__ = ["EvalResult", "compare", "evaluate", "logits_of"]
 

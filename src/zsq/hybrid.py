@@ -123,7 +123,8 @@ def granularity_sensitivity(
     On a traced model the float prefix is shared (suffix runs, as :func:`zsq.sensitivity.kl.kl_sensitivity`).
     """
     from .sensitivity import as_logits, check_inputs, isolated_weights, model_device, target_layers
-    from .sensitivity.kl import GraphRunner, kl_divergence
+    from .metrics import kl_divergence
+    from .sensitivity.kl import GraphRunner
 
     inputs = check_inputs(inputs)
     dev = torch.device(device) if device is not None else model_device(qmodel)
@@ -248,7 +249,7 @@ def plan_kl(qmodel: nn.Module, held: torch.Tensor, granularity: Mapping[str, str
     """Mean KL(FP32 || quantized) on ``held`` of the calibrated quantized model ``qmodel`` (weights and
     activations quantized; activation ranges as they are) with each layer of ``granularity`` given the
     weight quantizer ``candidates[(layer, granularity)]``."""
-    from .sensitivity.kl import kl_divergence
+    from .metrics import kl_divergence
 
     dev = torch.device(device) if device is not None else None
     swap = {n: candidates[(n, g)] for n, g in granularity.items()}

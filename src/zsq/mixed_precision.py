@@ -449,7 +449,7 @@ def validate_plan(model: nn.Module, calib_inputs: torch.Tensor, quant_config: Qu
     calibrated on the same inputs (weights *and* activations quantized: the deployable model)."""
     from .calibrate import calibrate
     from .sensitivity import as_logits, prepare_model
-    from .sensitivity.kl import kl_divergence
+    from .metrics import kl_divergence
 
     if reference is None:
         reference = _reference_logits(model, calib_inputs)

@@ -18,7 +18,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 

@@ -39,7 +39,7 @@ from ..config import ACT_ESTIMATORS, LARGE_INPUT_PIXELS, _JsonMixin
 from ..errors import ConfigError, NotCalibratedError
 from ..quant import primitives as P
 from ..quant.modules import QUANT_LAYER_TYPES, ActQuantizer
-from ..sensitivity.kl import kl_divergence
+from ..metrics import kl_divergence
 from ..state import frozen_eval
 from .blocks import SequentialResult, Unit, UnitRunner, find_units, float_weights, no_act
 
@@ -62,7 +62,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "adaround": {"iters": 200, "batch_size": 32, "lr": 3e-2, "act_lr": 1e-2, "learn_act_scale": False,
                  "drop_prob": 0.0, "learn_weight_scale": False, "learn_bias": False},
     "brecq": {"iters": 300, "batch_size": 32, "lr": 1e-2, "act_lr": 1e-2, "learn_act_scale": True,
-              "drop_prob": 0.5, "learn_weight_scale": False, "learn_bias": False},
+              "drop_prob": 0.5, "learn_weight_scale": False, "learn_bias": False, "fisher": 0.0},
     "finetune": {"iters": 600, "batch_size": 32, "lr": 1e-4, "act_lr": 1e-2, "learn_act_scale": True,
                  "drop_prob": 0.0, "learn_weight_scale": False, "learn_bias": False},
 }
@@ -134,6 +134,10 @@ class RecoverConfig(_JsonMixin):
     default recipes were chosen from percentile ranges, and from zsq's default ``mse`` ranges BRECQ ended
     worse on held-apart distilled data (ResNet-20, first/last 8-bit: W4A8 KL 0.093 against 0.053, W4A4
     0.497 against 0.365), so the default is ``"percentile"`` (at the model's ``act_percentile``).
+    ``fisher`` (brecq): weigh each element of a block's output error by the diagonal Fisher information of
+    the float model's output distribution with respect to it (BRECQ's output-sensitivity weighting; labels
+    drawn from the float model's softmax, ``fisher_samples`` draws per input), mixed with the plain squared
+    error as ``(1 - fisher) + fisher * F / mean(F)``; 0 (the default) is plain squared error.
     """
 
     method: str = "brecq"
@@ -157,6 +161,8 @@ class RecoverConfig(_JsonMixin):
     eval_batch_size: int = 64
     seed: int = 0
     act_estimator: str | None = "percentile"
+    fisher: float | None = None
+    fisher_samples: int = 1
 
     def __post_init__(self) -> None:
         if self.act_estimator is not None and self.act_estimator not in ACT_ESTIMATORS:
@@ -196,6 +202,13 @@ class RecoverConfig(_JsonMixin):
         if self.learn_bias and self.method != "brecq":
             raise ConfigError(f"learn_bias is implemented for method='brecq' (finetune always trains biases; "
                               f"adaround learns roundings only), got method={self.method!r}")
+        if self.fisher is not None:
+            if (isinstance(self.fisher, bool) or not isinstance(self.fisher, (int, float))
+                    or not 0.0 <= float(self.fisher) <= 1.0):
+                raise ConfigError(f"RecoverConfig.fisher must be a mixing weight in [0, 1], got {self.fisher!r}")
+            if self.fisher and self.method != "brecq":
+                raise ConfigError(f"fisher weighting is implemented for method='brecq', got method={self.method!r}")
+        _pos_int(self.fisher_samples, "fisher_samples")
         if self.unfreeze not in UNFREEZE:
             raise ConfigError(f"RecoverConfig.unfreeze={self.unfreeze!r} is not one of {', '.join(UNFREEZE)}")
         if self.learn_act_scale and self.method == "adaround":

@@ -175,6 +175,7 @@ def optimize_unit(
     desc: str,
     progress: bool,
     biases: Sequence[torch.Tensor] = (),
+    weight: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Minimise reconstruction error + rounding regulariser over ``roundings`` (and LSQ ``steps``).
 
@@ -182,7 +183,7 @@ def optimize_unit(
     variables use Adam at ``config.lr`` (constant), step sizes Adam at ``config.act_lr`` and learned weight
     scales (``config.learn_weight_scale``) Adam at ``config.weight_scale_lr`` and ``biases`` (the layers'
     own bias parameters, trained in place: the caller makes them trainable) Adam at ``config.bias_lr``
-    (all three with a cosine decay).
+    (all three with a cosine decay). ``weight`` (shaped like ``target``) weighs each element's squared error.
     With ``config.drop_prob > 0`` each activation quantizer of the unit passes each element through
     unquantized with that probability (QDrop, Wei et al. 2022). Nothing is written into the model.
     """
@@ -222,7 +223,7 @@ def optimize_unit(
     for it in bar:
         idx = torch.randperm(n, generator=generator)[:bsz].to(x.device)
         y = runner(x[idx], weight_fn=weight_fn, act_fn=act_fn)
-        rec = reconstruction_loss(y, target[idx])
+        rec = reconstruction_loss(y, target[idx], weight[idx] if weight is not None else None)
         beta = beta_at(it, iters, warmup=config.warmup, start=config.beta_start, end=config.beta_end)
         loss = rec
         reg = None

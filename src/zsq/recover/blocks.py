@@ -407,16 +407,73 @@ def mse(a: torch.Tensor, b: torch.Tensor, *, batch_size: int = 256) -> float:
     return total / max(a.numel(), 1)
 
 
-def reconstruction_loss(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error summed over channels (dim 1), averaged over the batch and positions (BRECQ's scale)."""
+def reconstruction_loss(y: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared error summed over channels (dim 1), averaged over the batch and positions (BRECQ's scale).
+
+    ``weight`` (same shape as ``y``, e.g. from :func:`fisher_weights`) weighs each element's squared error.
+    """
     d = (y - target).pow(2)
+    if weight is not None:
+        d = d * weight
     return d.sum(dim=1).mean() if d.dim() > 1 else d.mean()
+
+
+def suffix_runner(gm: fx.GraphModule, unit: Unit) -> UnitRunner:
+    """Runner of everything after ``unit`` up to the logits (its input is the unit's output).
+
+    Units end at cuts of the graph, where exactly one tensor is still needed later, so the rest of the
+    model depends on the unit's output alone. For the last unit the runner is the identity.
+    """
+    _, body, output = _graph_nodes(gm)
+    out = output.args[0]
+    if not isinstance(out, fx.Node):
+        raise UnsupportedLayerError("recovery needs a model that returns one tensor (logits)")
+    names = [n.name for n in body]
+    start = names.index(unit.output) + 1
+    return UnitRunner(gm, names[start:] if unit.output != out.name else [], unit.output, out.name)
+
+
+def fisher_weights(
+    suffix: UnitRunner,
+    y: torch.Tensor,
+    *,
+    weight_fn: WeightFn,
+    batch_size: int,
+    generator: torch.Generator,
+    mix: float,
+    samples: int = 1,
+) -> torch.Tensor:
+    """Per-element weights of a unit's output error from the diagonal Fisher information (BRECQ, Li et al. 2021).
+
+    ``y`` is the float model's output of the unit; ``suffix`` runs the float model from there to the logits.
+    For each input, labels are drawn from the float model's own softmax (no real label is needed), and the
+    squared gradient of ``-log p(label)`` with respect to ``y``, averaged over ``samples`` draws, estimates
+    the Fisher diagonal: an error where it is large changes the output distribution most. The estimate is
+    normalised to mean 1 over all elements and mixed with the plain squared error:
+    ``w = (1 - mix) + mix * F / mean(F)`` (``mix = 0``: plain MSE; ``1``: Fisher only).
+    """
+    out = torch.empty_like(y)
+    for i in range(0, y.shape[0], batch_size):
+        yb = y[i:i + batch_size].detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            logits = suffix(yb, weight_fn=weight_fn, act_fn=no_act)
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            probs = logp.detach().exp()
+            acc = torch.zeros_like(yb)
+            for k in range(samples):
+                labels = torch.multinomial(probs.cpu(), 1, generator=generator).to(logp.device)
+                (g,) = torch.autograd.grad(-logp.gather(1, labels).sum(), yb, retain_graph=k < samples - 1)
+                acc += g.detach().pow(2)
+        out[i:i + batch_size] = acc / samples
+    mean = out.double().mean().clamp_min(1e-30).float()
+    return (1.0 - mix) + mix * (out / mean)
 
 
 @dataclass
 class UnitData:
     """Cached tensors of one unit: the quantized model's input to it (``xq``), the float model's input
-    (``xf``) and the float model's output (``yf``); ``h*`` are the same for held-apart inputs (or None)."""
+    (``xf``) and the float model's output (``yf``); ``h*`` are the same for held-apart inputs (or None);
+    ``w`` weighs the elements of the output error (None: plain squared error)."""
 
     xq: torch.Tensor
     xf: torch.Tensor
@@ -424,6 +481,7 @@ class UnitData:
     hq: torch.Tensor | None = None
     hf: torch.Tensor | None = None
     hyf: torch.Tensor | None = None
+    w: torch.Tensor | None = None  # per-element weights of the output error (``fisher_weights``), or None
 
 
 @dataclass
@@ -446,6 +504,7 @@ def reconstruct_sequentially(
     snapshot: dict[str, torch.Tensor],
     train_unit: Callable[[Unit, UnitRunner, UnitData], dict[str, Any]],
     eval_batch: int,
+    output_weights: Callable[[Unit, torch.Tensor, WeightFn], torch.Tensor] | None = None,
 ) -> Iterator[SequentialResult]:
     """Reconstruct ``units`` one after the other (a generator: one result per unit).
 
@@ -453,6 +512,8 @@ def reconstruct_sequentially(
     units before it; its target is the float model's output of the unit. ``train_unit`` learns (and
     writes into the model) whatever it reconstructs; the errors before and after are measured with the
     model's ordinary quantized forward, so they also check that the learned values were written correctly.
+    ``output_weights(unit, yf, float_weight_fn)``, if given, returns per-element weights of the unit's output
+    error (``UnitData.w``); the reported errors stay plain MSE.
     """
     import time
 
@@ -468,7 +529,8 @@ def reconstruct_sequentially(
         if hq is not None and hf is not None:
             hyf = runner.batched(hf, batch_size=eval_batch, weight_fn=fw, act_fn=no_act)
             h_before = mse(runner.batched(hq, batch_size=eval_batch), hyf)
-        info = train_unit(unit, runner, UnitData(xq, xf, yf, hq, hf, hyf))
+        w = output_weights(unit, yf, fw) if output_weights is not None else None
+        info = train_unit(unit, runner, UnitData(xq, xf, yf, hq, hf, hyf, w))
         xq = runner.batched(xq, batch_size=eval_batch)
         after = mse(xq, yf)
         h_after = None

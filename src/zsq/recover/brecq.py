@@ -32,7 +32,7 @@ import torch
 from ..quant import primitives as P
 from ..quant.modules import ActQuantizer
 from .adaround import LearnedRounding, changed_codes, is_learnable, optimize_unit
-from .blocks import UnitData, UnitRunner, reconstruct_sequentially
+from .blocks import UnitData, UnitRunner, WeightFn, fisher_weights, reconstruct_sequentially, suffix_runner
 
 if TYPE_CHECKING:
     from . import RecoverContext, UnitReport
@@ -138,7 +138,7 @@ def run(ctx: "RecoverContext") -> list["UnitReport"]:
                 b.requires_grad_(True)
             info = optimize_unit(runner, data.xq, data.yf, roundings=roundings, steps=steps, config=cfg,
                                  generator=ctx.generator, desc=f"brecq {index + 1}/{total} {unit.name}",
-                                 progress=ctx.progress, biases=list(biases.values()))
+                                 progress=ctx.progress, biases=list(biases.values()), weight=data.w)
         finally:
             for b in biases.values():
                 b.requires_grad_(False)
@@ -155,9 +155,14 @@ def run(ctx: "RecoverContext") -> list["UnitReport"]:
         info["act_scales"] = scales
         return info
 
+    def fisher(unit: Any, yf: torch.Tensor, fw: WeightFn) -> torch.Tensor:
+        return fisher_weights(suffix_runner(gm, unit), yf, weight_fn=fw, batch_size=cfg.eval_batch_size,
+                              generator=ctx.generator, mix=float(cfg.fisher), samples=cfg.fisher_samples)
+
     reports = []
     for res in reconstruct_sequentially(gm, ctx.units, ctx.inputs, ctx.holdout, snapshot=ctx.float_weights,
-                                        train_unit=train_block, eval_batch=cfg.eval_batch_size):
+                                        train_unit=train_block, eval_batch=cfg.eval_batch_size,
+                                        output_weights=fisher if cfg.fisher else None):
         reports.append(UnitReport.from_sequential(res, iterations=int(res.info.get("iterations", 0))))
         log.info("brecq %s (%s): MSE %.4g -> %.4g in %.1fs", res.unit.name, res.unit.kind, res.mse_before,
                  res.mse_after, res.seconds)

@@ -25,10 +25,10 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..metrics import kl_divergence
 from . import (DEFAULT_BITS, SensitivityMethod, SensitivityTable, as_logits, check_bit_candidates, check_inputs,
                isolated_weights, layer_infos, make_weight_quantizer, model_device, new_table, target_layers)
 
@@ -62,17 +62,6 @@ class KLConfig:
         if unknown:
             raise ConfigError(f"unknown KLConfig field(s) {sorted(unknown)}")
         return cls(**d)
-
-
-def kl_divergence(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Per-row KL(softmax(ref) || softmax(logits)) in nats, computed in float64 (terms where the reference
-    probability underflows to 0 count 0, even against a -inf log-probability; rounding below 0 is clamped).
-    The one KL zsq uses everywhere: evaluation, sensitivity, bias correction, recovery."""
-    log_p = F.log_softmax(ref_logits.double(), dim=1)
-    log_q = F.log_softmax(logits.double(), dim=1)
-    p = log_p.exp()
-    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
-    return terms.sum(dim=1).clamp_min(0.0)
 
 
 # ------------------------------------------------------------------------------------------------
