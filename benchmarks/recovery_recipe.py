@@ -77,6 +77,13 @@ def main() -> None:
                     help="also score each candidate after zsq's bias correction (default off: the rows as measured "
                          "before bias correction existed)")
     ap.add_argument("--cache", default=None, help="save / reuse the distilled inputs here (.pt, weights_only)")
+    ap.add_argument("--real-holdout", type=int, default=0, metavar="N",
+                    help="leave the last N evaluation images out of the evaluation (with --eval), so that "
+                         "--calib-source real can use them")
+    ap.add_argument("--calib-source", default="distilled", choices=["distilled", "real"],
+                    help="real: calibrate and recover on the last --real-holdout evaluation images instead of the "
+                         "distilled inputs (an upper bound for what better synthetic data could give; the "
+                         "held-apart KL is still measured on distilled inputs)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -94,6 +101,18 @@ def main() -> None:
         if cache is not None:
             torch.save({"x": x, "h": hold}, cache)
     print(f"{x.shape[0]} distilled inputs ({ds:.0f}s), {hold.shape[0]} held apart", flush=True)
+    n_eval = None
+    if args.real_holdout:
+        n_total = len(load_dataset(data_path, spec.preprocessing))
+        n_eval = n_total - args.real_holdout
+        if n_eval <= 0:
+            raise SystemExit(f"--real-holdout {args.real_holdout}: the evaluation set has only {n_total} images")
+    if args.calib_source == "real":
+        if not args.real_holdout:
+            raise SystemExit("--calib-source real needs --real-holdout N (the images it calibrates on)")
+        x = torch.stack([img for img, _ in load_dataset(data_path, spec.preprocessing, subset=slice(n_eval, None))])
+        print(f"calibrating and recovering on {x.shape[0]} real images (the last of the evaluation set, which are "
+              f"not evaluated)", flush=True)
     folded, _ = zsq.fold_batchnorm(model)
     overrides: dict[str, Any] = dict(FIRST_LAST_8)
     if args.depthwise_bits is not None:
@@ -107,7 +126,8 @@ def main() -> None:
                                             weight_estimator=args.weight_estimator,
                                             weight_symmetric=not args.weight_asymmetric))
     zsq.calibrate(base, x, progress=False)
-    eval_ds = load_dataset(data_path, spec.preprocessing) if args.eval else None
+    eval_ds = (load_dataset(data_path, spec.preprocessing, subset=slice(0, n_eval) if n_eval else None)
+               if args.eval else None)
     rows = []
     for text in args.candidates:
         method, kw = parse_candidate(text)
