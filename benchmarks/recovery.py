@@ -76,9 +76,10 @@ def family(name: str) -> str:
     return "cifar" if name.startswith("cifar") else "lite"
 
 
-def distilled(model: torch.nn.Module, spec: Any, *, seed: int, batches: int, iters: int) -> tuple[torch.Tensor, float]:
+def distilled(model: torch.nn.Module, spec: Any, *, seed: int, batches: int, iters: int,
+              **extra: Any) -> tuple[torch.Tensor, float]:
     t = time.perf_counter()
-    cfg = DistillConfig(num_batches=batches, iterations=iters, seed=seed)
+    cfg = DistillConfig(num_batches=batches, iterations=iters, seed=seed, **extra)
     x = zsq.distill(model, spec.preprocessing, cfg, progress=False).inputs
     return x, time.perf_counter() - t
 

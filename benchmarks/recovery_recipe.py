@@ -77,6 +77,8 @@ def main() -> None:
                     help="also score each candidate after zsq's bias correction (default off: the rows as measured "
                          "before bias correction existed)")
     ap.add_argument("--cache", default=None, help="save / reuse the distilled inputs here (.pt, weights_only)")
+    ap.add_argument("--distill-flip", action="store_true", help="DistillConfig.flip for the calibration inputs")
+    ap.add_argument("--distill-jitter", type=int, default=0, help="DistillConfig.jitter for the calibration inputs")
     ap.add_argument("--real-holdout", type=int, default=0, metavar="N",
                     help="leave the last N evaluation images out of the evaluation (with --eval), so that "
                          "--calib-source real can use them")
@@ -95,7 +97,8 @@ def main() -> None:
         d = torch.load(cache, weights_only=True)
         x, hold, ds = d["x"], d["h"], 0.0
     else:
-        x, ds = distilled(model, spec, seed=args.seed, batches=args.calib_batches, iters=DistillConfig().iterations)
+        x, ds = distilled(model, spec, seed=args.seed, batches=args.calib_batches, iters=DistillConfig().iterations,
+                          flip=args.distill_flip, jitter=args.distill_jitter)
         hold, _ = distilled(model, spec, seed=1000 + args.seed, batches=args.holdout_batches,
                             iters=DistillConfig().iterations)
         if cache is not None:

@@ -526,6 +526,18 @@ def test_distill_then_calibrate_with_saved_tensors(tmp_path, capsys):
     assert r["calibration"]["num_inputs"] == 8
 
 
+def test_distill_augmentation_flags(tmp_path, capsys):
+    out = tmp_path / "q"
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--distill-flip", "--distill-jitter", "2", "--out", out, *FAST)
+    assert rc == 0, err
+    d = read_report(out)["settings"]["distill"]
+    assert d["flip"] is True and d["jitter"] == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", "tiny_cnn", "--distill-jitter", "-1", "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "non-negative integer" in err and "Traceback" not in err
+
+
 def test_distill_nobn_is_an_error(tmp_path, capsys):
     rc, _, err = cli(capsys, "distill", "tiny_cnn_nobn", "--out", tmp_path / "d", *FAST)
     assert_one_line_error(rc, err, "distill", "batchnorm", "gaussian")

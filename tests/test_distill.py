@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 
 import pytest
 import torch
@@ -136,6 +137,32 @@ def test_distill_is_deterministic_per_seed(tiny_model, tiny_preprocessing):
     assert not torch.equal(a.inputs, c.inputs)
 
 
+def test_flip_and_jitter_augmentation(tiny_model, tiny_preprocessing):
+    """DeepInversion-style augmentation changes only the view of each step: deterministic per seed, a different
+    result from plain distillation, still lowering the BN loss of the un-augmented inputs."""
+    zq = importlib.import_module("zsq.distill.zeroq")  # zsq.distill is also the function
+
+    plain = distill(tiny_model, tiny_preprocessing, _cfg(seed=2, iterations=30), progress=False)
+    aug = [distill(tiny_model, tiny_preprocessing, _cfg(seed=2, iterations=30, flip=True, jitter=3), progress=False)
+           for _ in range(2)]
+    assert torch.equal(aug[0].inputs, aug[1].inputs)
+    assert not torch.equal(aug[0].inputs, plain.inputs)
+    assert distill_loss(tiny_model, aug[0].inputs) < 0.9 * aug[0].initial_losses[0]
+    # the view: a flip and a circular shift of at most `jitter` pixels, never a change of the tensor itself
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    gen = torch.Generator().manual_seed(0)
+    cfg = _cfg(flip=True, jitter=2)
+    seen = set()
+    for _ in range(40):
+        v = zq._augmented(x, cfg, gen)
+        matches = [(f, dy, dx) for f in (0, 1) for dy in range(-2, 3) for dx in range(-2, 3)
+                   if torch.equal(v, torch.roll(x.flip(-1) if f else x, shifts=(dy, dx), dims=(-2, -1)))]
+        assert matches
+        seen.add(matches[0])
+    assert len(seen) > 5 and {m[0] for m in seen} == {0, 1}
+    assert zq._augmented(x, _cfg(), gen) is x
+
+
 def test_channels_last_layout_is_the_same_computation(tiny_model, tiny_preprocessing):
     """The default channels-last layout only changes float rounding; the inputs come back contiguous."""
     a = distill(tiny_model, tiny_preprocessing, _cfg(seed=5, iterations=10), progress=False)
@@ -220,7 +247,8 @@ def test_distill_without_batchnorm_raises(tiny_model_nobn, tiny_model, tiny_prep
 
 @pytest.mark.parametrize(
     "kwargs", [dict(iterations=0), dict(batch_size=-1), dict(num_batches=True), dict(lr=0.0), dict(schedule="step"),
-               dict(init="zeros"), dict(input_weight=-1.0), dict(early_stop_loss=-0.1), dict(channels_last=1)],
+               dict(init="zeros"), dict(input_weight=-1.0), dict(early_stop_loss=-0.1), dict(channels_last=1),
+               dict(flip=1), dict(jitter=-1), dict(jitter=2.5), dict(jitter=True)],
 )
 def test_distill_config_validation(kwargs):
     with pytest.raises(ConfigError):

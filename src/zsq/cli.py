@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cli_types import MODEL_HELP, pos_int as _pos_int
+from .cli_types import MODEL_HELP, nonneg_int as _nonneg_int, pos_int as _pos_int
 from .errors import ConfigError, ZsqError
 
 log = logging.getLogger("zsq")
@@ -83,6 +83,10 @@ def _add_distill_args(p: argparse.ArgumentParser) -> None:
                    help=f"learning-rate schedule (default {d.schedule})")
     g.add_argument("--distill-input-weight", type=float, default=d.input_weight,
                    help=f"weight of the input-statistics term (default {d.input_weight})")
+    g.add_argument("--distill-flip", action="store_true",
+                   help="show the model a randomly flipped view of the inputs at each step (DeepInversion; default off)")
+    g.add_argument("--distill-jitter", type=_nonneg_int, default=d.jitter, metavar="PIXELS",
+                   help="show the model a view shifted by up to this many pixels at each step (default 0: off)")
 
 
 def _distill_config(args: argparse.Namespace):
@@ -90,7 +94,8 @@ def _distill_config(args: argparse.Namespace):
 
     return DistillConfig(num_batches=args.distill_batches, batch_size=args.distill_batch_size,
                          iterations=args.distill_iters, lr=args.distill_lr, schedule=args.distill_schedule,
-                         input_weight=args.distill_input_weight, seed=args.seed)
+                         input_weight=args.distill_input_weight, seed=args.seed, flip=args.distill_flip,
+                         jitter=args.distill_jitter)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,15 +12,22 @@ MODEL_HELP = ("a registry name (see `zsq models`), torchvision:NAME, or package.
               "(imported from the current directory / PYTHONPATH; needs --weights)")
 
 
-def pos_int(s: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+def _int_at_least(lowest: int, what: str) -> Callable[[str], int]:
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+        if v < lowest:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
+        return v
+
+    parse.__doc__ = f"argparse type: an integer >= {lowest}."
+    return parse
+
+
+pos_int = _int_at_least(1, "a positive integer")
+nonneg_int = _int_at_least(0, "a non-negative integer")
 
 
 def pos_float(s: str) -> float:

@@ -159,8 +159,17 @@ class DistillConfig(_JsonMixin):
     # Optimise in the channels-last memory layout: the same computation up to float rounding, 1.05-1.25x
     # faster per step on this CPU for ResNet-20 and EfficientNet-Lite0 (BENCHMARKS.md, "Distillation cost").
     channels_last: bool = True
+    # DeepInversion-style augmentation of each step's forward (Yin et al., 2020): a random horizontal flip
+    # (``flip``) and a random circular shift by up to ``jitter`` pixels in each direction. The inputs being
+    # optimised are not changed; only the view the model sees in that step. Off by default.
+    flip: bool = False
+    jitter: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.flip, bool):
+            raise ConfigError(f"flip must be True or False, got {self.flip!r}")
+        if isinstance(self.jitter, bool) or not isinstance(self.jitter, int) or self.jitter < 0:
+            raise ConfigError(f"jitter must be a non-negative integer (pixels), got {self.jitter!r}")
         if not isinstance(self.channels_last, bool):
             raise ConfigError(f"channels_last must be True or False, got {self.channels_last!r}")
         for name in ("num_batches", "batch_size", "iterations"):

@@ -123,7 +123,7 @@ def distill(
                             group["lr"] = _lr_at(cfg, it)
                     opt.zero_grad(set_to_none=True)
                     stats.clear()
-                    model(x)
+                    model(_augmented(x, cfg, gen))
                     loss = bn_loss(targets, stats)
                     if cfg.input_weight > 0:
                         m, s = channel_stats(x)
@@ -153,6 +153,19 @@ def distill(
     result.inputs = torch.cat(out)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _augmented(x: torch.Tensor, cfg: DistillConfig, gen: torch.Generator) -> torch.Tensor:
+    """The view of ``x`` the model sees in one step: randomly flipped and shifted (``cfg.flip``, ``cfg.jitter``)."""
+    if not cfg.flip and cfg.jitter == 0:
+        return x
+    draws = torch.randint(0, 2 ** 16, (3,), generator=gen).tolist()
+    if cfg.flip and draws[0] % 2:
+        x = x.flip(-1)
+    if cfg.jitter > 0:
+        span = 2 * cfg.jitter + 1
+        x = torch.roll(x, shifts=(draws[1] % span - cfg.jitter, draws[2] % span - cfg.jitter), dims=(-2, -1))
+    return x
 
 
 @torch.no_grad()
