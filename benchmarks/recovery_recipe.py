@@ -80,8 +80,8 @@ def main() -> None:
     ap.add_argument("--distill-flip", action="store_true", help="DistillConfig.flip for the calibration inputs")
     ap.add_argument("--distill-jitter", type=int, default=0, help="DistillConfig.jitter for the calibration inputs")
     ap.add_argument("--real-holdout", type=int, default=0, metavar="N",
-                    help="leave the last N evaluation images out of the evaluation (with --eval), so that "
-                         "--calib-source real can use them")
+                    help="leave the last N evaluation images out of the evaluation (with --eval); each candidate is "
+                         "also scored by its KL to FP32 on them (real_holdout_kl), and --calib-source real uses them")
     ap.add_argument("--calib-source", default="distilled", choices=["distilled", "real"],
                     help="real: calibrate and recover on the last --real-holdout evaluation images instead of the "
                          "distilled inputs (an upper bound for what better synthetic data could give; the "
@@ -110,10 +110,14 @@ def main() -> None:
         n_eval = n_total - args.real_holdout
         if n_eval <= 0:
             raise SystemExit(f"--real-holdout {args.real_holdout}: the evaluation set has only {n_total} images")
+    real_hold = None
+    if args.real_holdout:
+        real_hold = torch.stack([img for img, _ in load_dataset(data_path, spec.preprocessing,
+                                                                 subset=slice(n_eval, None))])
     if args.calib_source == "real":
         if not args.real_holdout:
             raise SystemExit("--calib-source real needs --real-holdout N (the images it calibrates on)")
-        x = torch.stack([img for img, _ in load_dataset(data_path, spec.preprocessing, subset=slice(n_eval, None))])
+        x = real_hold
         print(f"calibrating and recovering on {x.shape[0]} real images (the last of the evaluation set, which are "
               f"not evaluated)", flush=True)
     folded, _ = zsq.fold_batchnorm(model)
@@ -147,6 +151,8 @@ def main() -> None:
         if args.bias_correction != "off":  # as zsq quantize: after recovery, on the final weights
             bias = correct_bias(q, folded, x, config=BiasCorrectionConfig(mode=args.bias_correction))
             row.update(bias_mode=bias.mode, holdout_kl_bias_corrected=holdout_kl(model, q, hold))
+        if real_hold is not None:  # a criterion that sees real images without evaluating on them
+            row["real_holdout_kl"] = holdout_kl(model, q, real_hold)
         if eval_ds is not None:
             row["top1_record_only"] = compare(model, q, eval_ds, progress=False)["quantized"]["top1"]
         rows.append(row)
