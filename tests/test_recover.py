@@ -19,8 +19,7 @@ from zsq.quant.modules import QUANT_LAYER_TYPES, ActQuantizer
 from zsq.recover import METHODS, RecoverConfig, find_units, method_defaults, recover
 from zsq.recover.adaround import (GAMMA, ZETA, LearnedRounding, beta_at, inverse_rectified_sigmoid,
                                   rectified_sigmoid, rounding_regularizer)
-from zsq.recover.blocks import (UnitRunner, fisher_weights, float_weights, no_act, reconstruction_loss,
-                                suffix_runner)
+from zsq.recover.blocks import UnitRunner, fisher_weights, float_weights, no_act, reconstruction_loss
 from zsq.recover.brecq import lsq_fake_quantize
 
 ITERS = 40
@@ -237,7 +236,7 @@ def test_brecq_with_learned_biases(setup):
             RecoverConfig(**bad)
 
 
-def test_suffix_runner_completes_every_unit_to_the_logits(setup):
+def test_runner_after_a_unit_completes_it_to_the_logits(setup):
     fp32, qmodel, train, _ = setup
     snapshot = {n: m.weight.detach() for n, m in qmodel.named_modules() if isinstance(m, QUANT_LAYER_TYPES)}
     fw = float_weights(snapshot)
@@ -245,7 +244,7 @@ def test_suffix_runner_completes_every_unit_to_the_logits(setup):
     y = train[:8]
     for u in find_units(qmodel):
         y = UnitRunner.for_unit(qmodel, u).batched(y, batch_size=8, weight_fn=fw, act_fn=no_act)
-        got = suffix_runner(qmodel, u).batched(y, batch_size=8, weight_fn=fw, act_fn=no_act)
+        got = UnitRunner.after_unit(qmodel, u).batched(y, batch_size=8, weight_fn=fw, act_fn=no_act)
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -257,7 +256,7 @@ def test_fisher_weights(setup):
     y = UnitRunner.for_unit(qmodel, find_units(qmodel)[0]).batched(train[:16], batch_size=8, weight_fn=fw,
                                                                   act_fn=no_act)
     y = UnitRunner.for_unit(qmodel, unit).batched(y, batch_size=8, weight_fn=fw, act_fn=no_act)
-    suffix = suffix_runner(qmodel, unit)
+    suffix = UnitRunner.after_unit(qmodel, unit)
 
     def weights(mix, seed=0, samples=1):
         return fisher_weights(suffix, y, weight_fn=fw, batch_size=8, generator=torch.Generator().manual_seed(seed),

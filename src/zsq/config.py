@@ -166,12 +166,11 @@ class DistillConfig(_JsonMixin):
     jitter: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.flip, bool):
-            raise ConfigError(f"flip must be True or False, got {self.flip!r}")
+        for name in ("channels_last", "flip"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.jitter, bool) or not isinstance(self.jitter, int) or self.jitter < 0:
             raise ConfigError(f"jitter must be a non-negative integer (pixels), got {self.jitter!r}")
-        if not isinstance(self.channels_last, bool):
-            raise ConfigError(f"channels_last must be True or False, got {self.channels_last!r}")
         for name in ("num_batches", "batch_size", "iterations"):
             v = getattr(self, name)
             if v is None and name == "batch_size":

@@ -153,6 +153,15 @@ def _graph_nodes(gm: fx.GraphModule) -> tuple[fx.Node, list[fx.Node], fx.Node]:
     return placeholders[0], body, outputs[0]
 
 
+def _graph_to_logits(gm: fx.GraphModule) -> tuple[fx.Node, list[fx.Node], fx.Node]:
+    """(input placeholder, body nodes, the logits node) of a graph that returns one tensor."""
+    placeholder, body, output = _graph_nodes(gm)
+    out = output.args[0]
+    if not isinstance(out, fx.Node):
+        raise UnsupportedLayerError("recovery needs a model that returns one tensor (logits)")
+    return placeholder, body, out
+
+
 def _cuts(placeholder: fx.Node, body: list[fx.Node], output: fx.Node) -> dict[int, fx.Node]:
     """``{position: the one tensor crossing}`` for every cut (position -1 is before the first node)."""
     pos = {n: i for i, n in enumerate(body)}
@@ -331,11 +340,20 @@ class UnitRunner:
 
     @classmethod
     def whole_model(cls, gm: fx.GraphModule) -> "UnitRunner":
-        placeholder, body, output = _graph_nodes(gm)
-        out = output.args[0]
-        if not isinstance(out, fx.Node):
-            raise UnsupportedLayerError("recovery needs a model that returns one tensor (logits)")
+        placeholder, body, out = _graph_to_logits(gm)
         return cls(gm, [n.name for n in body], placeholder.name, out.name)
+
+    @classmethod
+    def after_unit(cls, gm: fx.GraphModule, unit: Unit) -> "UnitRunner":
+        """Everything after ``unit`` up to the logits (its input is the unit's output).
+
+        Units end at cuts of the graph, where exactly one tensor is still needed later, so the rest of the
+        model depends on the unit's output alone. For the last unit the runner is the identity.
+        """
+        _, body, out = _graph_to_logits(gm)
+        names = [n.name for n in body]
+        rest = names[names.index(unit.output) + 1:] if unit.output != out.name else []
+        return cls(gm, rest, unit.output, out.name)
 
     def _fetch(self, target: str) -> Any:
         obj: Any = self.gm
@@ -418,21 +436,6 @@ def reconstruction_loss(y: torch.Tensor, target: torch.Tensor, weight: torch.Ten
     return d.sum(dim=1).mean() if d.dim() > 1 else d.mean()
 
 
-def suffix_runner(gm: fx.GraphModule, unit: Unit) -> UnitRunner:
-    """Runner of everything after ``unit`` up to the logits (its input is the unit's output).
-
-    Units end at cuts of the graph, where exactly one tensor is still needed later, so the rest of the
-    model depends on the unit's output alone. For the last unit the runner is the identity.
-    """
-    _, body, output = _graph_nodes(gm)
-    out = output.args[0]
-    if not isinstance(out, fx.Node):
-        raise UnsupportedLayerError("recovery needs a model that returns one tensor (logits)")
-    names = [n.name for n in body]
-    start = names.index(unit.output) + 1
-    return UnitRunner(gm, names[start:] if unit.output != out.name else [], unit.output, out.name)
-
-
 def fisher_weights(
     suffix: UnitRunner,
     y: torch.Tensor,
@@ -445,7 +448,8 @@ def fisher_weights(
 ) -> torch.Tensor:
     """Per-element weights of a unit's output error from the diagonal Fisher information (BRECQ, Li et al. 2021).
 
-    ``y`` is the float model's output of the unit; ``suffix`` runs the float model from there to the logits.
+    ``y`` is the float model's output of the unit; ``suffix`` (:meth:`UnitRunner.after_unit`) runs the float
+    model from there to the logits.
     For each input, labels are drawn from the float model's own softmax (no real label is needed), and the
     squared gradient of ``-log p(label)`` with respect to ``y``, averaged over ``samples`` draws, estimates
     the Fisher diagonal: an error where it is large changes the output distribution most. The estimate is
@@ -465,7 +469,7 @@ def fisher_weights(
                 (g,) = torch.autograd.grad(-logp.gather(1, labels).sum(), yb, retain_graph=k < samples - 1)
                 acc += g.detach().pow(2)
         out[i:i + batch_size] = acc / samples
-    mean = out.double().mean().clamp_min(1e-30).float()
+    mean = out.mean(dtype=torch.float64).clamp_min(1e-30).float()
     return (1.0 - mix) + mix * (out / mean)
 
 

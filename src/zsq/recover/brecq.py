@@ -32,7 +32,7 @@ import torch
 from ..quant import primitives as P
 from ..quant.modules import ActQuantizer
 from .adaround import LearnedRounding, changed_codes, is_learnable, optimize_unit
-from .blocks import UnitData, UnitRunner, WeightFn, fisher_weights, reconstruct_sequentially, suffix_runner
+from .blocks import UnitData, UnitRunner, WeightFn, fisher_weights, reconstruct_sequentially
 
 if TYPE_CHECKING:
     from . import RecoverContext, UnitReport
@@ -156,7 +156,7 @@ def run(ctx: "RecoverContext") -> list["UnitReport"]:
         return info
 
     def fisher(unit: Any, yf: torch.Tensor, fw: WeightFn) -> torch.Tensor:
-        return fisher_weights(suffix_runner(gm, unit), yf, weight_fn=fw, batch_size=cfg.eval_batch_size,
+        return fisher_weights(UnitRunner.after_unit(gm, unit), yf, weight_fn=fw, batch_size=cfg.eval_batch_size,
                               generator=ctx.generator, mix=float(cfg.fisher), samples=cfg.fisher_samples)
 
     reports = []
