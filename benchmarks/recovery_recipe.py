@@ -27,6 +27,7 @@ import zsq
 from zsq.bias_correction import BIAS_MODES, BiasCorrectionConfig, correct_bias
 from zsq.config import DistillConfig, QuantConfig
 from zsq.data import load_dataset
+from zsq.distill import RetroConfig, retro_synthesize
 from zsq.evaluate import compare
 from zsq.models import load_model
 from zsq.recover import RecoverConfig, recover
@@ -82,10 +83,17 @@ def main() -> None:
     ap.add_argument("--real-holdout", type=int, default=0, metavar="N",
                     help="leave the last N evaluation images out of the evaluation (with --eval); each candidate is "
                          "also scored by its KL to FP32 on them (real_holdout_kl), and --calib-source real uses them")
-    ap.add_argument("--calib-source", default="distilled", choices=["distilled", "real"],
+    ap.add_argument("--calib-source", default="distilled", choices=["distilled", "real", "retro"],
                     help="real: calibrate and recover on the last --real-holdout evaluation images instead of the "
                          "distilled inputs (an upper bound for what better synthetic data could give; the "
-                         "held-apart KL is still measured on distilled inputs)")
+                         "held-apart KL is still measured on distilled inputs). retro: class-conditional "
+                         "Retro-Synthesis inputs (same number, seed, iterations and --distill-flip/--distill-jitter)")
+    ap.add_argument("--retro-class-weight", type=float, default=None,
+                    help="RetroConfig.class_weight for --calib-source retro (default: RetroConfig's)")
+    ap.add_argument("--retro-tv", type=float, default=0.0, help="RetroConfig.tv_weight for --calib-source retro")
+    ap.add_argument("--calib-flip-copies", action="store_true",
+                    help="calibrate and recover on the inputs and their horizontal mirror images (twice the inputs "
+                         "at no distillation cost)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -96,6 +104,19 @@ def main() -> None:
     if cache is not None and cache.exists():  # {"x": calibration inputs, "h": held-apart inputs}
         d = torch.load(cache, weights_only=True)
         x, hold, ds = d["x"], d["h"], 0.0
+    elif args.calib_source == "retro":
+        t = time.perf_counter()
+        n_in = args.calib_batches * DistillConfig().resolved_batch_size(spec.preprocessing.input_size)
+        extra = {} if args.retro_class_weight is None else {"class_weight": args.retro_class_weight}
+        rcfg = RetroConfig(num_images=n_in, seed=args.seed, flip=args.distill_flip, jitter=args.distill_jitter,
+                           tv_weight=args.retro_tv, **extra)
+        res = retro_synthesize(model, spec.preprocessing, rcfg, progress=False)
+        x, ds = res.inputs, time.perf_counter() - t
+        print(f"retro: {res.target_accuracy:.1f} % of the inputs classified as their target", flush=True)
+        hold, _ = distilled(model, spec, seed=1000 + args.seed, batches=args.holdout_batches,
+                            iters=DistillConfig().iterations)
+        if cache is not None:
+            torch.save({"x": x, "h": hold}, cache)
     else:
         x, ds = distilled(model, spec, seed=args.seed, batches=args.calib_batches, iters=DistillConfig().iterations,
                           flip=args.distill_flip, jitter=args.distill_jitter)
@@ -114,12 +135,15 @@ def main() -> None:
     if args.real_holdout:
         real_hold = torch.stack([img for img, _ in load_dataset(data_path, spec.preprocessing,
                                                                  subset=slice(n_eval, None))])
-    if args.calib_source == "real":
+    if args.calib_source == "real":  # (a --cache of distilled inputs is reused only for the held-apart ones)
         if not args.real_holdout:
             raise SystemExit("--calib-source real needs --real-holdout N (the images it calibrates on)")
         x = real_hold
         print(f"calibrating and recovering on {x.shape[0]} real images (the last of the evaluation set, which are "
               f"not evaluated)", flush=True)
+    if args.calib_flip_copies:
+        x = torch.cat([x, x.flip(-1)])
+        print(f"with their mirror images: {x.shape[0]} calibration inputs", flush=True)
     folded, _ = zsq.fold_batchnorm(model)
     overrides: dict[str, Any] = dict(FIRST_LAST_8)
     if args.depthwise_bits is not None:

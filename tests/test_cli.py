@@ -532,6 +532,12 @@ def test_distill_augmentation_flags(tmp_path, capsys):
     assert rc == 0, err
     d = read_report(out)["settings"]["distill"]
     assert d["flip"] is True and d["jitter"] == 2
+    out = tmp_path / "r"  # the same views for Retro-Synthesis inputs
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--calib", "retro", "--distill-flip", "--distill-jitter", "2",
+                     "--out", out, *FAST)
+    assert rc == 0, err
+    c = read_report(out)["calibration"]
+    assert c["source"] == "retro" and c["retro_config"]["flip"] is True and c["retro_config"]["jitter"] == 2
     with pytest.raises(SystemExit) as exc:
         main(["distill", "tiny_cnn", "--distill-jitter", "-1", "--out", str(tmp_path / "d")])
     err = capsys.readouterr().err

@@ -171,6 +171,17 @@ def test_deterministic_per_seed_and_independent_of_global_rng(tiny_model, tiny_p
     assert not torch.equal(a.inputs, c.inputs)
 
 
+def test_flip_and_jitter_views(tiny_model, tiny_preprocessing):
+    """DeepInversion's random views: seeded, a different result from the plain synthesis, and the class
+    objective still reached on the un-augmented inputs."""
+    plain = retro_synthesize(tiny_model, tiny_preprocessing, _cfg(seed=3, iterations=30), progress=False)
+    aug = [retro_synthesize(tiny_model, tiny_preprocessing, _cfg(seed=3, iterations=30, flip=True, jitter=2),
+                            progress=False) for _ in range(2)]
+    assert torch.equal(aug[0].inputs, aug[1].inputs) and torch.equal(aug[0].labels, plain.labels)
+    assert not torch.equal(aug[0].inputs, plain.inputs)
+    assert aug[0].class_losses[0] < aug[0].initial_class_losses[0]
+
+
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "plateau"])
 @pytest.mark.parametrize("init", ["gaussian", "uniform"])
 def test_outputs_within_input_range(tiny_model, schedule, init):
@@ -258,7 +269,7 @@ def test_num_classes_checked_against_the_model(tiny_model_nobn, tiny_preprocessi
     dict(num_images=0), dict(num_images=-2), dict(batch_size=0), dict(iterations=0), dict(num_images=True),
     dict(lr=0.0), dict(lr=math.inf), dict(class_weight=-1.0), dict(bn_weight=-0.1), dict(tv_weight=-1e-3),
     dict(l2_weight=-1.0), dict(input_weight=-1.0), dict(tv_weight=math.nan), dict(class_weight=0.0, bn_weight=0.0),
-    dict(schedule="step"), dict(init="zeros"), dict(seed=1.5),
+    dict(schedule="step"), dict(init="zeros"), dict(seed=1.5), dict(flip=1), dict(jitter=-1), dict(jitter=True),
 ])
 def test_config_validation(kwargs):
     with pytest.raises(ConfigError, match="RetroConfig"):
@@ -270,10 +281,11 @@ def test_config_round_trip_and_from_distill():
     assert RetroConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="unknown"):
         RetroConfig.from_dict({"iters": 3})
-    d = DistillConfig(batch_size=8, iterations=50, lr=0.1, schedule="constant", input_weight=0.5, seed=4)
+    d = DistillConfig(batch_size=8, iterations=50, lr=0.1, schedule="constant", input_weight=0.5, seed=4,
+                      flip=True, jitter=3)
     r = RetroConfig.from_distill(d, num_images=24, tv_weight=0.0)
-    assert (r.num_images, r.batch_size, r.iterations, r.lr, r.schedule, r.input_weight, r.seed, r.tv_weight) == \
-        (24, 8, 50, 0.1, "constant", 0.5, 4, 0.0)
+    assert (r.num_images, r.batch_size, r.iterations, r.lr, r.schedule, r.input_weight, r.seed, r.tv_weight,
+            r.flip, r.jitter) == (24, 8, 50, 0.1, "constant", 0.5, 4, 0.0, True, 3)
     assert r.class_weight == RetroConfig().class_weight and r.bn_weight == RetroConfig().bn_weight
 
 

@@ -275,7 +275,7 @@ def correct_bias(
             restore()
             raise
     report.seconds = time.perf_counter() - t0
-    log.info("%s", report)
+    log.debug("%s", report)  # the report is returned; zsq quantize prints it in its summary
     return report
 
 

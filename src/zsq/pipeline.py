@@ -121,7 +121,7 @@ def calibration_inputs(model: nn.Module, spec: Any, cfg: RunConfig, *, progress:
         rcfg = RetroConfig.from_distill(dataclasses.replace(cfg.distill, seed=cfg.seed),
                                         num_images=cfg.calib_size or n_default)
         rres = retro_synthesize(model, spec.preprocessing, rcfg, device=cfg.device, progress=progress)
-        return rres.inputs, {"source": "retro", **rres.to_dict()}
+        return rres.inputs, {"source": "retro", **rres.to_dict(), "retro_config": rcfg.to_dict()}
     if cfg.calib == "gaussian":
         n = cfg.calib_size or n_default
         return gaussian_inputs(n, spec.preprocessing, seed=cfg.seed), {"source": "gaussian", "num_inputs": n}

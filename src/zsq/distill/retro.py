@@ -40,7 +40,7 @@ from ..errors import ConfigError
 from ..evaluate import _logits  # (batch, classes) logits of a model output, else ConfigError
 from ..models.preprocessing import Preprocessing
 from ..state import frozen_eval
-from .zeroq import _lr_at, natural_input_stats  # same lr schedule as distilled data
+from .zeroq import _augmented, _lr_at, natural_input_stats  # same lr schedule as distilled data
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,16 @@ class RetroConfig(_JsonMixin):
     tv_weight: float = 0.0
     l2_weight: float = 0.0
     seed: int = 0
+    # DeepInversion's random views (Yin et al., 2020), as DistillConfig.flip / jitter: each step the model
+    # sees the inputs randomly flipped horizontally and circularly shifted by up to ``jitter`` pixels.
+    flip: bool = False
+    jitter: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.flip, bool):
+            raise ConfigError(f"RetroConfig.flip must be True or False, got {self.flip!r}")
+        if isinstance(self.jitter, bool) or not isinstance(self.jitter, int) or self.jitter < 0:
+            raise ConfigError(f"RetroConfig.jitter must be an integer >= 0 (pixels), got {self.jitter!r}")
         for name in ("num_images", "batch_size", "iterations"):
             v = getattr(self, name)
             if v is None and name != "iterations":
@@ -97,12 +105,13 @@ class RetroConfig(_JsonMixin):
     @classmethod
     def from_distill(cls, distill: DistillConfig, *, num_images: int | None, **changes: Any) -> "RetroConfig":
         """Retro settings that reuse ``distill``'s optimisation settings (batch size, iterations, lr,
-        schedule, init, input-statistics weight, seed), e.g. for ``zsq quantize --calib retro`` driven
+        schedule, init, input-statistics weight, seed, flip/jitter views), e.g. for ``zsq quantize --calib retro`` driven
         by the ``--distill-*`` flags. The class/BN/prior weights keep RetroConfig's defaults unless
         given in ``changes``."""
         base = {"num_images": num_images, "batch_size": distill.batch_size, "iterations": distill.iterations,
                 "lr": distill.lr, "schedule": distill.schedule, "init": distill.init,
-                "input_weight": distill.input_weight, "seed": distill.seed}
+                "input_weight": distill.input_weight, "seed": distill.seed, "flip": distill.flip,
+                "jitter": distill.jitter}
         return cls(**{**base, **changes})
 
     def resolved_sizes(self, input_size: tuple[int, int]) -> tuple[int, int]:
@@ -256,7 +265,7 @@ def retro_synthesize(
                             group["lr"] = _lr_at(cfg, it)
                     opt.zero_grad(set_to_none=True)
                     stats.clear()
-                    ce = F.cross_entropy(_logits(net(x)), y)
+                    ce = F.cross_entropy(_logits(net(_augmented(x, cfg, gen))), y)
                     loss = cfg.class_weight * ce
                     bn = None
                     if targets:

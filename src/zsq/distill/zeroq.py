@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -155,8 +156,9 @@ def distill(
     return result
 
 
-def _augmented(x: torch.Tensor, cfg: DistillConfig, gen: torch.Generator) -> torch.Tensor:
-    """The view of ``x`` the model sees in one step: randomly flipped and shifted (``cfg.flip``, ``cfg.jitter``)."""
+def _augmented(x: torch.Tensor, cfg: Any, gen: torch.Generator) -> torch.Tensor:
+    """The view of ``x`` the model sees in one step: randomly flipped and shifted (``cfg.flip``, ``cfg.jitter``
+    of a DistillConfig or RetroConfig)."""
     if not cfg.flip and cfg.jitter == 0:
         return x
     draws = torch.randint(0, 2 ** 16, (3,), generator=gen).tolist()
