@@ -78,8 +78,14 @@ def main() -> None:
                     help="also score each candidate after zsq's bias correction (default off: the rows as measured "
                          "before bias correction existed)")
     ap.add_argument("--cache", default=None, help="save / reuse the distilled inputs here (.pt, weights_only)")
-    ap.add_argument("--distill-flip", action="store_true", help="DistillConfig.flip for the calibration inputs")
-    ap.add_argument("--distill-jitter", type=int, default=0, help="DistillConfig.jitter for the calibration inputs")
+    ap.add_argument("--distill-flip", action=argparse.BooleanOptionalAction, default=DistillConfig().flip,
+                    help="DistillConfig.flip for the calibration inputs (--no-distill-flip: the rows before session 10)")
+    ap.add_argument("--distill-jitter", type=int, default=DistillConfig().jitter,
+                    help="DistillConfig.jitter for the calibration inputs (default: by input size; 0: off, as before "
+                         "session 10)")
+    ap.add_argument("--distill-iters", type=int, default=DistillConfig().iterations,
+                    help="optimisation steps per batch of the calibration inputs (the held-apart ones keep the "
+                         "default)")
     ap.add_argument("--real-holdout", type=int, default=0, metavar="N",
                     help="leave the last N evaluation images out of the evaluation (with --eval); each candidate is "
                          "also scored by its KL to FP32 on them (real_holdout_kl), and --calib-source real uses them")
@@ -108,8 +114,8 @@ def main() -> None:
         t = time.perf_counter()
         n_in = args.calib_batches * DistillConfig().resolved_batch_size(spec.preprocessing.input_size)
         extra = {} if args.retro_class_weight is None else {"class_weight": args.retro_class_weight}
-        rcfg = RetroConfig(num_images=n_in, seed=args.seed, flip=args.distill_flip, jitter=args.distill_jitter,
-                           tv_weight=args.retro_tv, **extra)
+        rcfg = RetroConfig(num_images=n_in, seed=args.seed, iterations=args.distill_iters, flip=args.distill_flip,
+                           jitter=args.distill_jitter, tv_weight=args.retro_tv, **extra)
         res = retro_synthesize(model, spec.preprocessing, rcfg, progress=False)
         x, ds = res.inputs, time.perf_counter() - t
         print(f"retro: {res.target_accuracy:.1f} % of the inputs classified as their target", flush=True)
@@ -118,7 +124,7 @@ def main() -> None:
         if cache is not None:
             torch.save({"x": x, "h": hold}, cache)
     else:
-        x, ds = distilled(model, spec, seed=args.seed, batches=args.calib_batches, iters=DistillConfig().iterations,
+        x, ds = distilled(model, spec, seed=args.seed, batches=args.calib_batches, iters=args.distill_iters,
                           flip=args.distill_flip, jitter=args.distill_jitter)
         hold, _ = distilled(model, spec, seed=1000 + args.seed, batches=args.holdout_batches,
                             iters=DistillConfig().iterations)

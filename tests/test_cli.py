@@ -527,17 +527,23 @@ def test_distill_then_calibrate_with_saved_tensors(tmp_path, capsys):
 
 
 def test_distill_augmentation_flags(tmp_path, capsys):
+    """Views are on by default (jitter resolved from the input size and recorded); both can be switched off."""
     out = tmp_path / "q"
-    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--distill-flip", "--distill-jitter", "2", "--out", out, *FAST)
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--out", out, *FAST)
     assert rc == 0, err
-    d = read_report(out)["settings"]["distill"]
-    assert d["flip"] is True and d["jitter"] == 2
+    r = read_report(out)
+    assert r["settings"]["distill"]["flip"] is True and r["settings"]["distill"]["jitter"] is None
+    assert r["calibration"]["views"] == {"flip": True, "jitter": 2}  # 16x16 inputs
+    out = tmp_path / "off"
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--no-distill-flip", "--distill-jitter", "0", "--out", out, *FAST)
+    assert rc == 0, err
+    assert read_report(out)["calibration"]["views"] == {"flip": False, "jitter": 0}
     out = tmp_path / "r"  # the same views for Retro-Synthesis inputs
-    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--calib", "retro", "--distill-flip", "--distill-jitter", "2",
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--calib", "retro", "--no-distill-flip", "--distill-jitter", "3",
                      "--out", out, *FAST)
     assert rc == 0, err
     c = read_report(out)["calibration"]
-    assert c["source"] == "retro" and c["retro_config"]["flip"] is True and c["retro_config"]["jitter"] == 2
+    assert c["source"] == "retro" and c["retro_config"]["flip"] is False and c["retro_config"]["jitter"] == 3
     with pytest.raises(SystemExit) as exc:
         main(["distill", "tiny_cnn", "--distill-jitter", "-1", "--out", str(tmp_path / "d")])
     err = capsys.readouterr().err

@@ -17,7 +17,7 @@ from zsq.errors import ConfigError, NoBatchNormError
 from zsq.fold import fold_batchnorm
 from zsq.models.preprocessing import Preprocessing
 
-FAST = dict(num_batches=1, batch_size=8, iterations=30, lr=0.2)
+FAST = dict(num_batches=1, batch_size=8, iterations=30, lr=0.2, flip=False, jitter=0)  # views: their own tests
 
 
 def _cfg(**kw) -> DistillConfig:
@@ -119,6 +119,10 @@ def test_reported_loss_is_the_bn_loss_of_the_model(tiny_model, tiny_preprocessin
         expected = float(bn_loss(targets, stats))
     assert res.initial_losses[0] == pytest.approx(expected, rel=1e-4, abs=1e-6)
     assert distill_loss(tiny_model, res.inputs) == pytest.approx(expected, rel=1e-6)
+    # with random views the final loss reported is still that of the returned inputs, not of the last view
+    res = distill(tiny_model, tiny_preprocessing, _cfg(iterations=5, input_weight=0.0, flip=True, jitter=3),
+                  progress=False)
+    assert res.losses[0] == pytest.approx(distill_loss(tiny_model, res.inputs), rel=1e-4, abs=1e-6)
 
 
 def test_distill_several_batches(tiny_model, tiny_preprocessing):
@@ -142,7 +146,7 @@ def test_flip_and_jitter_augmentation(tiny_model, tiny_preprocessing):
     result from plain distillation, still lowering the BN loss of the un-augmented inputs."""
     zq = importlib.import_module("zsq.distill.zeroq")  # zsq.distill is also the function
 
-    plain = distill(tiny_model, tiny_preprocessing, _cfg(seed=2, iterations=30), progress=False)
+    plain = distill(tiny_model, tiny_preprocessing, _cfg(seed=2, iterations=30, flip=False, jitter=0), progress=False)
     aug = [distill(tiny_model, tiny_preprocessing, _cfg(seed=2, iterations=30, flip=True, jitter=3), progress=False)
            for _ in range(2)]
     assert torch.equal(aug[0].inputs, aug[1].inputs)
@@ -151,16 +155,30 @@ def test_flip_and_jitter_augmentation(tiny_model, tiny_preprocessing):
     # the view: a flip and a circular shift of at most `jitter` pixels, never a change of the tensor itself
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
     gen = torch.Generator().manual_seed(0)
-    cfg = _cfg(flip=True, jitter=2)
     seen = set()
     for _ in range(40):
-        v = zq._augmented(x, cfg, gen)
+        v = zq._augmented(x, True, 2, gen)
         matches = [(f, dy, dx) for f in (0, 1) for dy in range(-2, 3) for dx in range(-2, 3)
                    if torch.equal(v, torch.roll(x.flip(-1) if f else x, shifts=(dy, dx), dims=(-2, -1)))]
         assert matches
         seen.add(matches[0])
     assert len(seen) > 5 and {m[0] for m in seen} == {0, 1}
-    assert zq._augmented(x, _cfg(), gen) is x
+    assert zq._augmented(x, False, 0, gen) is x
+
+
+def test_views_on_by_default_with_a_size_relative_jitter(tiny_model, tiny_preprocessing):
+    """flip on and jitter None (DeepInversion's 30 px at 224, scaled with the shorter side) by default; the default
+    is the same computation as the explicit resolved jitter, and differs from views off."""
+    from zsq.config import default_jitter
+
+    cfg = DistillConfig()
+    assert cfg.flip is True and cfg.jitter is None
+    assert (default_jitter((224, 224)), default_jitter((32, 32)), default_jitter((16, 20))) == (30, 4, 2)
+    assert cfg.resolved_jitter((32, 32)) == 4 and DistillConfig(jitter=0).resolved_jitter((224, 224)) == 0
+    d = distill(tiny_model, tiny_preprocessing, _cfg(seed=1, iterations=10, flip=True, jitter=None), progress=False)
+    e = distill(tiny_model, tiny_preprocessing, _cfg(seed=1, iterations=10, flip=True, jitter=2), progress=False)
+    off = distill(tiny_model, tiny_preprocessing, _cfg(seed=1, iterations=10, flip=False, jitter=0), progress=False)
+    assert torch.equal(d.inputs, e.inputs) and not torch.equal(d.inputs, off.inputs)
 
 
 def test_channels_last_layout_is_the_same_computation(tiny_model, tiny_preprocessing):

@@ -17,7 +17,7 @@ from zsq.errors import ConfigError, NoBatchNormError
 from zsq.fold import fold_batchnorm
 from zsq.models.preprocessing import Preprocessing
 
-FAST = dict(num_images=10, batch_size=10, iterations=20)
+FAST = dict(num_images=10, batch_size=10, iterations=20, flip=False, jitter=0)  # views: their own test
 
 
 def _cfg(**kw) -> RetroConfig:
@@ -172,11 +172,16 @@ def test_deterministic_per_seed_and_independent_of_global_rng(tiny_model, tiny_p
 
 
 def test_flip_and_jitter_views(tiny_model, tiny_preprocessing):
-    """DeepInversion's random views: seeded, a different result from the plain synthesis, and the class
-    objective still reached on the un-augmented inputs."""
-    plain = retro_synthesize(tiny_model, tiny_preprocessing, _cfg(seed=3, iterations=30), progress=False)
+    """DeepInversion's random views (on by default, as for distilled data): seeded, a different result from
+    the plain synthesis, and the class objective still reached on the un-augmented inputs."""
+    assert RetroConfig().flip is True and RetroConfig().jitter is None
+    on = retro_synthesize(tiny_model, tiny_preprocessing, RetroConfig(num_images=10, batch_size=10, iterations=30,
+                                                                        seed=3), progress=False)
+    plain = retro_synthesize(tiny_model, tiny_preprocessing, _cfg(seed=3, iterations=30, flip=False, jitter=0),
+                             progress=False)
     aug = [retro_synthesize(tiny_model, tiny_preprocessing, _cfg(seed=3, iterations=30, flip=True, jitter=2),
                             progress=False) for _ in range(2)]
+    assert torch.equal(on.inputs, aug[0].inputs)  # the default: flip, 2 pixels at 16x16
     assert torch.equal(aug[0].inputs, aug[1].inputs) and torch.equal(aug[0].labels, plain.labels)
     assert not torch.equal(aug[0].inputs, plain.inputs)
     assert aug[0].class_losses[0] < aug[0].initial_class_losses[0]

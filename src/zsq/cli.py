@@ -70,7 +70,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_distill_args(p: argparse.ArgumentParser) -> None:
-    from .config import DistillConfig
+    from .config import DEFAULT_JITTER_FRACTION, DistillConfig
 
     d = DistillConfig()
     g = p.add_argument_group("distilled data (ZeroQ)")
@@ -83,10 +83,12 @@ def _add_distill_args(p: argparse.ArgumentParser) -> None:
                    help=f"learning-rate schedule (default {d.schedule})")
     g.add_argument("--distill-input-weight", type=float, default=d.input_weight,
                    help=f"weight of the input-statistics term (default {d.input_weight})")
-    g.add_argument("--distill-flip", action="store_true",
-                   help="show the model a randomly flipped view of the inputs at each step (DeepInversion; default off)")
+    g.add_argument("--distill-flip", action=argparse.BooleanOptionalAction, default=d.flip,
+                   help="show the model a randomly mirrored view of the inputs at each step (DeepInversion; default "
+                        "on; --no-distill-flip for models whose classes are not mirror-symmetric, e.g. digits or text)")
     g.add_argument("--distill-jitter", type=_nonneg_int, default=d.jitter, metavar="PIXELS",
-                   help="show the model a view shifted by up to this many pixels at each step (default 0: off)")
+                   help="show the model a view shifted by up to this many pixels at each step (default: "
+                        f"{DEFAULT_JITTER_FRACTION:.3f} of the shorter input side, 30 at 224x224, 4 at 32x32; 0: off)")
 
 
 def _distill_config(args: argparse.Namespace):

@@ -140,6 +140,25 @@ def default_distill_batch(input_size: tuple[int, int]) -> int:
     return DEFAULT_DISTILL_BATCH_LARGE if h * w > LARGE_INPUT_PIXELS else DEFAULT_DISTILL_BATCH
 
 
+# Default random shift of the synthesis views (DistillConfig.jitter / RetroConfig.jitter = None): DeepInversion's
+# 30 pixels at 224x224 (Yin et al., 2020), scaled with the shorter input side (4 pixels at 32x32). Chosen on
+# held-apart real images that are never evaluated (BENCHMARKS.md, "Synthesis views").
+DEFAULT_JITTER_FRACTION = 30 / 224
+
+
+def default_jitter(input_size: tuple[int, int]) -> int:
+    return int(round(DEFAULT_JITTER_FRACTION * min(input_size)))
+
+
+def check_views(flip: object, jitter: object, owner: str) -> None:
+    """Validate the ``flip`` / ``jitter`` fields of a synthesis config (jitter ``None``: :func:`default_jitter`)."""
+    if not isinstance(flip, bool):
+        raise ConfigError(f"{owner}.flip must be True or False, got {flip!r}")
+    if jitter is not None and (isinstance(jitter, bool) or not isinstance(jitter, int) or jitter < 0):
+        raise ConfigError(f"{owner}.jitter must be a non-negative integer (pixels; 0: off) or None (the default: "
+                          f"{DEFAULT_JITTER_FRACTION:.3f} of the shorter input side), got {jitter!r}")
+
+
 @dataclass(frozen=True)
 class DistillConfig(_JsonMixin):
     """ZeroQ distilled-data settings (see :func:`zsq.distill.distill`)."""
@@ -159,18 +178,20 @@ class DistillConfig(_JsonMixin):
     # Optimise in the channels-last memory layout: the same computation up to float rounding, 1.05-1.25x
     # faster per step on this CPU for ResNet-20 and EfficientNet-Lite0 (BENCHMARKS.md, "Distillation cost").
     channels_last: bool = True
-    # DeepInversion-style augmentation of each step's forward (Yin et al., 2020): a random horizontal flip
-    # (``flip``) and a random circular shift by up to ``jitter`` pixels in each direction. The inputs being
-    # optimised are not changed; only the view the model sees in that step. Off by default.
-    flip: bool = False
-    jitter: int = 0
+    # DeepInversion-style views (Yin et al., 2020): each step the model sees the inputs randomly flipped
+    # horizontally (``flip``) and circularly shifted by up to ``jitter`` pixels in each direction (``None``:
+    # default_jitter of the input size, 0: off). The inputs being optimised are not changed; only the view the
+    # model sees in that step. On by default since session 10 (BENCHMARKS.md, "Synthesis views").
+    flip: bool = True
+    jitter: int | None = None
+
+    def resolved_jitter(self, input_size: tuple[int, int]) -> int:
+        return self.jitter if self.jitter is not None else default_jitter(input_size)
 
     def __post_init__(self) -> None:
-        for name in ("channels_last", "flip"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if isinstance(self.jitter, bool) or not isinstance(self.jitter, int) or self.jitter < 0:
-            raise ConfigError(f"jitter must be a non-negative integer (pixels), got {self.jitter!r}")
+        if not isinstance(self.channels_last, bool):
+            raise ConfigError(f"channels_last must be True or False, got {self.channels_last!r}")
+        check_views(self.flip, self.jitter, "DistillConfig")
         for name in ("num_batches", "batch_size", "iterations"):
             v = getattr(self, name)
             if v is None and name == "batch_size":

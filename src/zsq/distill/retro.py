@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..bn_stats import batchnorm_targets, bn_loss, capture_bn_inputs_folded, channel_stats
-from ..config import DISTILL_INITS, DistillConfig, LR_SCHEDULES, _check_choice, _JsonMixin, default_distill_batch
+from ..config import (DISTILL_INITS, DistillConfig, LR_SCHEDULES, _check_choice, _JsonMixin, check_views,
+                      default_distill_batch, default_jitter)
 from ..errors import ConfigError
 from ..evaluate import _logits  # (batch, classes) logits of a model output, else ConfigError
 from ..models.preprocessing import Preprocessing
@@ -72,16 +73,14 @@ class RetroConfig(_JsonMixin):
     tv_weight: float = 0.0
     l2_weight: float = 0.0
     seed: int = 0
-    # DeepInversion's random views (Yin et al., 2020), as DistillConfig.flip / jitter: each step the model
-    # sees the inputs randomly flipped horizontally and circularly shifted by up to ``jitter`` pixels.
-    flip: bool = False
-    jitter: int = 0
+    # DeepInversion's random views (Yin et al., 2020), as DistillConfig.flip / jitter (same defaults): each step
+    # the model sees the inputs randomly flipped horizontally and circularly shifted by up to ``jitter`` pixels
+    # (``None``: zsq.config.default_jitter of the input size; 0: off).
+    flip: bool = True
+    jitter: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.flip, bool):
-            raise ConfigError(f"RetroConfig.flip must be True or False, got {self.flip!r}")
-        if isinstance(self.jitter, bool) or not isinstance(self.jitter, int) or self.jitter < 0:
-            raise ConfigError(f"RetroConfig.jitter must be an integer >= 0 (pixels), got {self.jitter!r}")
+        check_views(self.flip, self.jitter, "RetroConfig")
         for name in ("num_images", "batch_size", "iterations"):
             v = getattr(self, name)
             if v is None and name != "iterations":
@@ -212,6 +211,7 @@ def retro_synthesize(
     in_mean, in_std = (t.to(dev) for t in natural_input_stats(preprocessing))
     h, w = preprocessing.input_size
     n_total, batch_size = cfg.resolved_sizes((h, w))
+    jitter = cfg.jitter if cfg.jitter is not None else default_jitter((h, w))
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
 
@@ -241,6 +241,27 @@ def retro_synthesize(
                 raise ConfigError(f"num_classes={num_classes} but the model outputs only {width} logits; "
                                   f"pass num_classes <= {width} (or None for all of them)")
             result.num_classes = num_classes
+
+            def objective(view: torch.Tensor, inputs: torch.Tensor, y: torch.Tensor):
+                """(total loss, cross-entropy, BN loss or None, logits) of the model on ``view``; the input term
+                and the priors are taken on ``inputs``."""
+                stats.clear()
+                logits = _logits(net(view))
+                ce = F.cross_entropy(logits, y)
+                loss = cfg.class_weight * ce
+                bn = None
+                if targets:
+                    bn = bn_loss(targets, stats)
+                    loss = loss + cfg.bn_weight * bn
+                if cfg.input_weight > 0:
+                    m, s = channel_stats(inputs)
+                    loss = loss + cfg.input_weight * ((m - in_mean).pow(2).mean() + (s - in_std).pow(2).mean())
+                if cfg.tv_weight > 0:
+                    loss = loss + cfg.tv_weight * total_variation(inputs)
+                if cfg.l2_weight > 0:
+                    loss = loss + cfg.l2_weight * inputs.pow(2).mean()
+                return loss, ce, bn, logits
+
             labels = spread_targets(n_total, num_classes, generator=gen)
             n_batches = math.ceil(n_total / batch_size)
             for b in range(n_batches):
@@ -264,20 +285,7 @@ def retro_synthesize(
                         for group in opt.param_groups:
                             group["lr"] = _lr_at(cfg, it)
                     opt.zero_grad(set_to_none=True)
-                    stats.clear()
-                    ce = F.cross_entropy(_logits(net(_augmented(x, cfg, gen))), y)
-                    loss = cfg.class_weight * ce
-                    bn = None
-                    if targets:
-                        bn = bn_loss(targets, stats)
-                        loss = loss + cfg.bn_weight * bn
-                    if cfg.input_weight > 0:
-                        m, s = channel_stats(x)
-                        loss = loss + cfg.input_weight * ((m - in_mean).pow(2).mean() + (s - in_std).pow(2).mean())
-                    if cfg.tv_weight > 0:
-                        loss = loss + cfg.tv_weight * total_variation(x)
-                    if cfg.l2_weight > 0:
-                        loss = loss + cfg.l2_weight * x.pow(2).mean()
+                    loss, ce, bn, _ = objective(_augmented(x, cfg.flip, jitter, gen), x, y)
                     loss.backward()
                     opt.step()
                     with torch.no_grad():
@@ -291,8 +299,11 @@ def retro_synthesize(
                     steps = it + 1
                     if it % 10 == 0:
                         bar.set_postfix(loss=f"{loss_val:.4f}", ce=f"{ce_val:.3f}")
-                with torch.no_grad():
-                    hits += int((_logits(net(x)).argmax(1) == y).sum())
+                with torch.no_grad():  # the losses reported are those of the inputs themselves, not of a view
+                    loss, ce, bn, logits = objective(x, x, y)
+                    hits += int((logits.argmax(1) == y).sum())
+                    loss_val, ce_val = float(loss), float(ce)
+                    bn_val = float(bn) if bn is not None else float("nan")
                 out.append(x.detach().cpu())
                 result.losses.append(loss_val)
                 result.initial_losses.append(first if first is not None else float("nan"))

@@ -15,7 +15,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -51,14 +50,17 @@ class DistillResult:
     initial_losses: list[float] = field(default_factory=list)
     iterations: list[int] = field(default_factory=list)  # iterations actually run per batch
     seconds: float = 0.0
+    flip: bool = False  # the views used (DistillConfig.flip, and its jitter resolved for the input size)
+    jitter: int = 0
 
     def to_dict(self) -> dict:
         return {
             "num_inputs": int(self.inputs.shape[0]),
-            "final_loss": self.losses,
-            "initial_loss": self.initial_losses,
+            "final_loss": self.losses,  # of the returned inputs (with views: not of the last random view)
+            "initial_loss": self.initial_losses,  # of the first step's view
             "iterations": self.iterations,
             "seconds": round(self.seconds, 3),
+            "views": {"flip": self.flip, "jitter": self.jitter},
         }
 
 
@@ -88,9 +90,10 @@ def distill(
     lo, hi = (t.to(device).view(1, -1, 1, 1) for t in preprocessing.input_range())
     in_mean, in_std = (t.to(device) for t in natural_input_stats(preprocessing))
     h, w = preprocessing.input_size
+    jitter = cfg.resolved_jitter((h, w))
     batch_size = cfg.resolved_batch_size((h, w))
     gen = torch.Generator().manual_seed(cfg.seed)
-    out, result = [], DistillResult(inputs=torch.empty(0))
+    out, result = [], DistillResult(inputs=torch.empty(0), flip=cfg.flip, jitter=jitter)
     t0 = time.perf_counter()
     # Run on a BN-folded copy: same BN-input statistics (recovered exactly from the folded conv
     # outputs), without the cost of BatchNorm forward/backward. The user's model is not touched.
@@ -103,6 +106,17 @@ def distill(
         model.to(device)
         if cfg.channels_last:
             model.to(memory_format=fmt)  # the folded copy: the user's model is not touched
+
+        def objective(view: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+            """BN-statistics loss of the model on ``view`` plus the input-statistics term of ``inputs``."""
+            stats.clear()
+            model(view)
+            loss = bn_loss(targets, stats)
+            if cfg.input_weight > 0:
+                m, s = channel_stats(inputs)
+                loss = loss + cfg.input_weight * ((m - in_mean).pow(2).mean() + (s - in_std).pow(2).mean())
+            return loss
+
         try:
             for b in range(cfg.num_batches):
                 if cfg.init == "gaussian":
@@ -123,12 +137,7 @@ def distill(
                         for group in opt.param_groups:
                             group["lr"] = _lr_at(cfg, it)
                     opt.zero_grad(set_to_none=True)
-                    stats.clear()
-                    model(_augmented(x, cfg, gen))
-                    loss = bn_loss(targets, stats)
-                    if cfg.input_weight > 0:
-                        m, s = channel_stats(x)
-                        loss = loss + cfg.input_weight * ((m - in_mean).pow(2).mean() + (s - in_std).pow(2).mean())
+                    loss = objective(_augmented(x, cfg.flip, jitter, gen), x)
                     loss.backward()
                     opt.step()
                     with torch.no_grad():
@@ -143,6 +152,9 @@ def distill(
                         bar.set_postfix(loss=f"{loss_val:.4f}")
                     if cfg.early_stop_loss > 0 and loss_val < cfg.early_stop_loss:
                         break
+                if cfg.flip or jitter:  # report the loss of the inputs themselves, not of the last random view
+                    with torch.no_grad():
+                        loss_val = float(objective(x, x))
                 out.append(x.detach().cpu().contiguous())
                 result.losses.append(loss_val)
                 result.initial_losses.append(first if first is not None else float("nan"))
@@ -156,17 +168,17 @@ def distill(
     return result
 
 
-def _augmented(x: torch.Tensor, cfg: Any, gen: torch.Generator) -> torch.Tensor:
-    """The view of ``x`` the model sees in one step: randomly flipped and shifted (``cfg.flip``, ``cfg.jitter``
-    of a DistillConfig or RetroConfig)."""
-    if not cfg.flip and cfg.jitter == 0:
+def _augmented(x: torch.Tensor, flip: bool, jitter: int, gen: torch.Generator) -> torch.Tensor:
+    """The view of ``x`` the model sees in one step: randomly mirrored (``flip``) and circularly shifted by up to
+    ``jitter`` pixels each way."""
+    if not flip and jitter == 0:
         return x
     draws = torch.randint(0, 2 ** 16, (3,), generator=gen).tolist()
-    if cfg.flip and draws[0] % 2:
+    if flip and draws[0] % 2:
         x = x.flip(-1)
-    if cfg.jitter > 0:
-        span = 2 * cfg.jitter + 1
-        x = torch.roll(x, shifts=(draws[1] % span - cfg.jitter, draws[2] % span - cfg.jitter), dims=(-2, -1))
+    if jitter > 0:
+        span = 2 * jitter + 1
+        x = torch.roll(x, shifts=(draws[1] % span - jitter, draws[2] % span - jitter), dims=(-2, -1))
     return x
 
 
