@@ -113,6 +113,9 @@ class RetroConfig(_JsonMixin):
                 "jitter": distill.jitter}
         return cls(**{**base, **changes})
 
+    def resolved_jitter(self, input_size: tuple[int, int]) -> int:
+        return self.jitter if self.jitter is not None else default_jitter(input_size)
+
     def resolved_sizes(self, input_size: tuple[int, int]) -> tuple[int, int]:
         """``(num_images, batch_size)`` after applying the size-dependent defaults."""
         n = self.num_images if self.num_images is not None else default_distill_batch(input_size)
@@ -211,7 +214,7 @@ def retro_synthesize(
     in_mean, in_std = (t.to(dev) for t in natural_input_stats(preprocessing))
     h, w = preprocessing.input_size
     n_total, batch_size = cfg.resolved_sizes((h, w))
-    jitter = cfg.jitter if cfg.jitter is not None else default_jitter((h, w))
+    jitter = cfg.resolved_jitter((h, w))
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
 
