@@ -110,35 +110,30 @@ def main() -> None:
     if cache is not None and cache.exists():  # {"x": calibration inputs, "h": held-apart inputs}
         d = torch.load(cache, weights_only=True)
         x, hold, ds = d["x"], d["h"], 0.0
-    elif args.calib_source == "retro":
-        t = time.perf_counter()
-        n_in = args.calib_batches * DistillConfig().resolved_batch_size(spec.preprocessing.input_size)
-        extra = {} if args.retro_class_weight is None else {"class_weight": args.retro_class_weight}
-        rcfg = RetroConfig(num_images=n_in, seed=args.seed, iterations=args.distill_iters, flip=args.distill_flip,
-                           jitter=args.distill_jitter, tv_weight=args.retro_tv, **extra)
-        res = retro_synthesize(model, spec.preprocessing, rcfg, progress=False)
-        x, ds = res.inputs, time.perf_counter() - t
-        print(f"retro: {res.target_accuracy:.1f} % of the inputs classified as their target", flush=True)
-        hold, _ = distilled(model, spec, seed=1000 + args.seed, batches=args.holdout_batches,
-                            iters=DistillConfig().iterations)
-        if cache is not None:
-            torch.save({"x": x, "h": hold}, cache)
     else:
-        x, ds = distilled(model, spec, seed=args.seed, batches=args.calib_batches, iters=args.distill_iters,
-                          flip=args.distill_flip, jitter=args.distill_jitter)
+        if args.calib_source == "retro":
+            t = time.perf_counter()
+            n_in = args.calib_batches * DistillConfig().resolved_batch_size(spec.preprocessing.input_size)
+            extra = {} if args.retro_class_weight is None else {"class_weight": args.retro_class_weight}
+            rcfg = RetroConfig(num_images=n_in, seed=args.seed, iterations=args.distill_iters,
+                               flip=args.distill_flip, jitter=args.distill_jitter, tv_weight=args.retro_tv, **extra)
+            res = retro_synthesize(model, spec.preprocessing, rcfg, progress=False)
+            x, ds = res.inputs, time.perf_counter() - t
+            print(f"retro: {res.target_accuracy:.1f} % of the inputs classified as their target", flush=True)
+        else:
+            x, ds = distilled(model, spec, seed=args.seed, batches=args.calib_batches, iters=args.distill_iters,
+                              flip=args.distill_flip, jitter=args.distill_jitter)
         hold, _ = distilled(model, spec, seed=1000 + args.seed, batches=args.holdout_batches,
                             iters=DistillConfig().iterations)
         if cache is not None:
             torch.save({"x": x, "h": hold}, cache)
     print(f"{x.shape[0]} distilled inputs ({ds:.0f}s), {hold.shape[0]} held apart", flush=True)
-    n_eval = None
+    n_eval = real_hold = None
     if args.real_holdout:
         n_total = len(load_dataset(data_path, spec.preprocessing))
         n_eval = n_total - args.real_holdout
         if n_eval <= 0:
             raise SystemExit(f"--real-holdout {args.real_holdout}: the evaluation set has only {n_total} images")
-    real_hold = None
-    if args.real_holdout:
         real_hold = torch.stack([img for img, _ in load_dataset(data_path, spec.preprocessing,
                                                                  subset=slice(n_eval, None))])
     if args.calib_source == "real":  # (a --cache of distilled inputs is reused only for the held-apart ones)

@@ -150,6 +150,15 @@ def default_jitter(input_size: tuple[int, int]) -> int:
     return int(round(DEFAULT_JITTER_FRACTION * min(input_size)))
 
 
+class _ViewsMixin:
+    """``resolved_jitter`` of a synthesis config with ``flip`` / ``jitter`` fields (DistillConfig, RetroConfig)."""
+
+    jitter: int | None
+
+    def resolved_jitter(self, input_size: tuple[int, int]) -> int:
+        return self.jitter if self.jitter is not None else default_jitter(input_size)
+
+
 def check_views(flip: object, jitter: object, owner: str) -> None:
     """Validate the ``flip`` / ``jitter`` fields of a synthesis config (jitter ``None``: :func:`default_jitter`)."""
     if not isinstance(flip, bool):
@@ -160,7 +169,7 @@ def check_views(flip: object, jitter: object, owner: str) -> None:
 
 
 @dataclass(frozen=True)
-class DistillConfig(_JsonMixin):
+class DistillConfig(_ViewsMixin, _JsonMixin):
     """ZeroQ distilled-data settings (see :func:`zsq.distill.distill`)."""
 
     def resolved_batch_size(self, input_size: tuple[int, int]) -> int:
@@ -184,9 +193,6 @@ class DistillConfig(_JsonMixin):
     # model sees in that step. On by default since session 10 (BENCHMARKS.md, "Synthesis views").
     flip: bool = True
     jitter: int | None = None
-
-    def resolved_jitter(self, input_size: tuple[int, int]) -> int:
-        return self.jitter if self.jitter is not None else default_jitter(input_size)
 
     def __post_init__(self) -> None:
         if not isinstance(self.channels_last, bool):

@@ -34,14 +34,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..bn_stats import batchnorm_targets, bn_loss, capture_bn_inputs_folded, channel_stats
-from ..config import (DISTILL_INITS, DistillConfig, LR_SCHEDULES, _check_choice, _JsonMixin, check_views,
-                      default_distill_batch, default_jitter)
+from ..bn_stats import batchnorm_targets, bn_loss, capture_bn_inputs_folded
+from ..config import (DISTILL_INITS, DistillConfig, LR_SCHEDULES, _check_choice, _JsonMixin, _ViewsMixin,
+                      check_views, default_distill_batch)
 from ..errors import ConfigError
 from ..evaluate import _logits  # (batch, classes) logits of a model output, else ConfigError
 from ..models.preprocessing import Preprocessing
 from ..state import frozen_eval
-from .zeroq import _augmented, _lr_at, natural_input_stats  # same lr schedule as distilled data
+from .zeroq import _augmented, _lr_at, input_stats_loss, natural_input_stats  # same lr schedule as distilled data
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ _WEIGHTS = ("class_weight", "bn_weight", "input_weight", "tv_weight", "l2_weight
 
 
 @dataclass(frozen=True)
-class RetroConfig(_JsonMixin):
+class RetroConfig(_ViewsMixin, _JsonMixin):
     """Retro-Synthesis settings (see :func:`retro_synthesize`).
 
     ``num_images``/``batch_size`` ``None``: zsq's default distillation batch for the input size
@@ -112,9 +112,6 @@ class RetroConfig(_JsonMixin):
                 "input_weight": distill.input_weight, "seed": distill.seed, "flip": distill.flip,
                 "jitter": distill.jitter}
         return cls(**{**base, **changes})
-
-    def resolved_jitter(self, input_size: tuple[int, int]) -> int:
-        return self.jitter if self.jitter is not None else default_jitter(input_size)
 
     def resolved_sizes(self, input_size: tuple[int, int]) -> tuple[int, int]:
         """``(num_images, batch_size)`` after applying the size-dependent defaults."""
@@ -257,8 +254,7 @@ def retro_synthesize(
                     bn = bn_loss(targets, stats)
                     loss = loss + cfg.bn_weight * bn
                 if cfg.input_weight > 0:
-                    m, s = channel_stats(inputs)
-                    loss = loss + cfg.input_weight * ((m - in_mean).pow(2).mean() + (s - in_std).pow(2).mean())
+                    loss = loss + cfg.input_weight * input_stats_loss(inputs, in_mean, in_std)
                 if cfg.tv_weight > 0:
                     loss = loss + cfg.tv_weight * total_variation(inputs)
                 if cfg.l2_weight > 0:

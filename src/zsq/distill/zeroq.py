@@ -113,8 +113,7 @@ def distill(
             model(view)
             loss = bn_loss(targets, stats)
             if cfg.input_weight > 0:
-                m, s = channel_stats(inputs)
-                loss = loss + cfg.input_weight * ((m - in_mean).pow(2).mean() + (s - in_std).pow(2).mean())
+                loss = loss + cfg.input_weight * input_stats_loss(inputs, in_mean, in_std)
             return loss
 
         try:
@@ -166,6 +165,13 @@ def distill(
     result.inputs = torch.cat(out)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def input_stats_loss(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """The input term: squared distance of ``x``'s per-channel mean / std to the natural-image ``mean`` / ``std``
+    (:func:`natural_input_stats`), averaged over the channels."""
+    m, s = channel_stats(x)
+    return (m - mean).pow(2).mean() + (s - std).pow(2).mean()
 
 
 def _augmented(x: torch.Tensor, flip: bool, jitter: int, gen: torch.Generator) -> torch.Tensor:
