@@ -86,6 +86,9 @@ def main() -> None:
     ap.add_argument("--distill-iters", type=int, default=DistillConfig().iterations,
                     help="optimisation steps per batch of the calibration inputs (the held-apart ones keep the "
                          "default)")
+    ap.add_argument("--distill-coarse-iters", type=int, default=DistillConfig().coarse_iterations,
+                    help="DistillConfig.coarse_iterations for the calibration inputs: steps at half size before "
+                         "--distill-iters at full size (default 0: off)")
     ap.add_argument("--real-holdout", type=int, default=0, metavar="N",
                     help="leave the last N evaluation images out of the evaluation (with --eval); each candidate is "
                          "also scored by its KL to FP32 on them (real_holdout_kl), and --calib-source real uses them")
@@ -122,7 +125,8 @@ def main() -> None:
             print(f"retro: {res.target_accuracy:.1f} % of the inputs classified as their target", flush=True)
         else:
             x, ds = distilled(model, spec, seed=args.seed, batches=args.calib_batches, iters=args.distill_iters,
-                              flip=args.distill_flip, jitter=args.distill_jitter)
+                              flip=args.distill_flip, jitter=args.distill_jitter,
+                              coarse_iterations=args.distill_coarse_iters)
         hold, _ = distilled(model, spec, seed=1000 + args.seed, batches=args.holdout_batches,
                             iters=DistillConfig().iterations)
         if cache is not None:

@@ -550,6 +550,23 @@ def test_distill_augmentation_flags(tmp_path, capsys):
     assert exc.value.code == 2 and "non-negative integer" in err and "Traceback" not in err
 
 
+def test_distill_coarse_start_flags(tmp_path, capsys):
+    """--distill-coarse-iters runs the multi-resolution start and records it; a coarse size below the minimum and the
+    flag with --calib retro (which has no coarse start) are one-line errors."""
+    out = tmp_path / "c"
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--distill-coarse-iters", "3", "--out", out, *FAST)
+    assert rc == 0, err
+    r = read_report(out)
+    assert r["settings"]["distill"]["coarse_iterations"] == 3
+    assert r["calibration"]["coarse"] == {"iterations": 3, "size": [8, 8]}  # 16x16 inputs, factor 2
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--distill-coarse-iters", "3", "--distill-coarse-factor", "4",
+                     "--out", tmp_path / "small", *FAST)
+    assert_one_line_error(rc, err, "quantize", "coarse_factor 4", "at least 8")
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--calib", "retro", "--distill-coarse-iters", "3",
+                     "--out", tmp_path / "r", *FAST)
+    assert_one_line_error(rc, err, "quantize", "retro", "coarse")
+
+
 def test_distill_nobn_is_an_error(tmp_path, capsys):
     rc, _, err = cli(capsys, "distill", "tiny_cnn_nobn", "--out", tmp_path / "d", *FAST)
     assert_one_line_error(rc, err, "distill", "batchnorm", "gaussian")

@@ -181,6 +181,53 @@ def test_views_on_by_default_with_a_size_relative_jitter(tiny_model, tiny_prepro
     assert torch.equal(d.inputs, e.inputs) and not torch.equal(d.inputs, off.inputs)
 
 
+def test_coarse_start(tiny_model, tiny_preprocessing, monkeypatch):
+    """DeepInversion's multi-resolution start: the model first sees inputs coarse_factor times smaller, then the
+    upsampled inputs at full size; deterministic per seed, recorded in the result, a different result from no coarse
+    phase, and still lowering the BN loss within the pixel range."""
+    zq = importlib.import_module("zsq.distill.zeroq")
+    seen: list[tuple[int, int]] = []
+    real = zq._augmented
+
+    def spy(x, flip, jitter, gen):
+        seen.append((tuple(x.shape[-2:]), jitter))
+        return real(x, flip, jitter, gen)
+
+    monkeypatch.setattr(zq, "_augmented", spy)
+    h, w = tiny_preprocessing.input_size
+    cfg = _cfg(seed=3, iterations=6, coarse_iterations=4, flip=True, jitter=4)
+    a = distill(tiny_model, tiny_preprocessing, cfg, progress=False)
+    assert seen == [((h // 2, w // 2), 2)] * 4 + [((h, w), 4)] * 6
+    b = distill(tiny_model, tiny_preprocessing, cfg, progress=False)
+    plain = distill(tiny_model, tiny_preprocessing, _cfg(seed=3, iterations=6, flip=True, jitter=4), progress=False)
+    assert torch.equal(a.inputs, b.inputs) and not torch.equal(a.inputs, plain.inputs)
+    assert a.inputs.shape == plain.inputs.shape and a.iterations == [6]
+    assert a.to_dict()["coarse"] == {"iterations": 4, "size": [h // 2, w // 2]} and plain.to_dict()["coarse"] is None
+    lo, hi = (t.view(1, -1, 1, 1) for t in tiny_preprocessing.input_range())
+    assert bool(((a.inputs >= lo - 1e-6) & (a.inputs <= hi + 1e-6)).all())
+    monkeypatch.setattr(zq, "_augmented", real)
+    long = distill(tiny_model, tiny_preprocessing, _cfg(seed=3, iterations=30, coarse_iterations=30), progress=False)
+    assert distill_loss(tiny_model, long.inputs) < 0.9 * long.initial_losses[0]
+    with pytest.raises(ConfigError, match="coarse_factor"):
+        distill(tiny_model, tiny_preprocessing, _cfg(coarse_iterations=2, coarse_factor=h), progress=False)
+
+
+def test_step_defaults_by_input_size():
+    """iterations / coarse_iterations None: 100 full-size steps and no coarse phase up to 128x128 pixels (CIFAR); for
+    ImageNet-sized inputs the coarse start and more full-size steps. Explicit values are kept."""
+    from zsq.config import DEFAULT_COARSE_ITERS_LARGE, DEFAULT_DISTILL_ITERS_LARGE
+
+    cfg = DistillConfig()
+    assert cfg.iterations is None and cfg.coarse_iterations is None
+    assert (cfg.resolved_iterations((32, 32)), cfg.resolved_coarse_iterations((32, 32))) == (100, 0)
+    assert cfg.resolved_coarse_size((32, 32)) is None and cfg.resolved_coarse_size((128, 128)) is None
+    assert cfg.resolved_iterations((224, 224)) == DEFAULT_DISTILL_ITERS_LARGE > 100
+    assert cfg.resolved_coarse_iterations((224, 224)) == DEFAULT_COARSE_ITERS_LARGE > 0
+    assert cfg.resolved_coarse_size((224, 240)) == (112, 120)
+    explicit = DistillConfig(iterations=7, coarse_iterations=0)
+    assert (explicit.resolved_iterations((224, 224)), explicit.resolved_coarse_size((224, 224))) == (7, None)
+
+
 def test_channels_last_layout_is_the_same_computation(tiny_model, tiny_preprocessing):
     """The default channels-last layout only changes float rounding; the inputs come back contiguous."""
     a = distill(tiny_model, tiny_preprocessing, _cfg(seed=5, iterations=10), progress=False)
@@ -266,7 +313,8 @@ def test_distill_without_batchnorm_raises(tiny_model_nobn, tiny_model, tiny_prep
 @pytest.mark.parametrize(
     "kwargs", [dict(iterations=0), dict(batch_size=-1), dict(num_batches=True), dict(lr=0.0), dict(schedule="step"),
                dict(init="zeros"), dict(input_weight=-1.0), dict(early_stop_loss=-0.1), dict(channels_last=1),
-               dict(flip=1), dict(jitter=-1), dict(jitter=2.5), dict(jitter=True)],
+               dict(flip=1), dict(jitter=-1), dict(jitter=2.5), dict(jitter=True), dict(coarse_iterations=-1),
+               dict(coarse_iterations=1.5), dict(coarse_factor=1), dict(coarse_factor=True)],
 )
 def test_distill_config_validation(kwargs):
     with pytest.raises(ConfigError):

@@ -292,6 +292,9 @@ def test_config_round_trip_and_from_distill():
     assert (r.num_images, r.batch_size, r.iterations, r.lr, r.schedule, r.input_weight, r.seed, r.tv_weight,
             r.flip, r.jitter) == (24, 8, 50, 0.1, "constant", 0.5, 4, 0.0, True, 3)
     assert r.class_weight == RetroConfig().class_weight and r.bn_weight == RetroConfig().bn_weight
+    assert RetroConfig.from_distill(DistillConfig(), num_images=8).iterations == RetroConfig().iterations
+    with pytest.raises(ConfigError, match="coarse"):  # not silently dropped
+        RetroConfig.from_distill(DistillConfig(coarse_iterations=10), num_images=8)
 
 
 def test_total_variation():

@@ -70,14 +70,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_distill_args(p: argparse.ArgumentParser) -> None:
-    from .config import DEFAULT_JITTER_FRACTION, DistillConfig
+    from .config import (DEFAULT_COARSE_ITERS_LARGE, DEFAULT_DISTILL_ITERS, DEFAULT_DISTILL_ITERS_LARGE,
+                         DEFAULT_JITTER_FRACTION, DistillConfig)
 
     d = DistillConfig()
     g = p.add_argument_group("distilled data (ZeroQ)")
     g.add_argument("--distill-batches", type=_pos_int, default=d.num_batches, help=f"batches (default {d.num_batches})")
     g.add_argument("--distill-batch-size", type=_pos_int, default=None,
                    help="images per batch (default 32 for inputs up to 128x128 pixels, 16 for larger)")
-    g.add_argument("--distill-iters", type=_pos_int, default=d.iterations, help=f"Adam iterations per batch (default {d.iterations})")
+    g.add_argument("--distill-iters", type=_pos_int, default=d.iterations, metavar="N",
+                   help=f"Adam steps per batch at full size (default {DEFAULT_DISTILL_ITERS} for inputs up to 128x128 "
+                        f"pixels, {DEFAULT_DISTILL_ITERS_LARGE} for larger)")
     g.add_argument("--distill-lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
     g.add_argument("--distill-schedule", choices=("constant", "cosine", "plateau"), default=d.schedule,
                    help=f"learning-rate schedule (default {d.schedule})")
@@ -89,6 +92,12 @@ def _add_distill_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distill-jitter", type=_nonneg_int, default=d.jitter, metavar="PIXELS",
                    help="show the model a view shifted by up to this many pixels at each step (default: "
                         f"{DEFAULT_JITTER_FRACTION:.3f} of the shorter input side, 30 at 224x224, 4 at 32x32; 0: off)")
+    g.add_argument("--distill-coarse-iters", type=_nonneg_int, default=d.coarse_iterations, metavar="N",
+                   help="first optimise N steps on inputs --distill-coarse-factor times smaller per side, then "
+                        "upsample them (DeepInversion's multi-resolution start; default "
+                        f"{DEFAULT_COARSE_ITERS_LARGE} for inputs larger than 128x128 pixels, else 0: off)")
+    g.add_argument("--distill-coarse-factor", type=_pos_int, default=d.coarse_factor, metavar="K",
+                   help=f"how many times smaller the coarse inputs are per side (default {d.coarse_factor})")
 
 
 def _distill_config(args: argparse.Namespace):
@@ -97,7 +106,8 @@ def _distill_config(args: argparse.Namespace):
     return DistillConfig(num_batches=args.distill_batches, batch_size=args.distill_batch_size,
                          iterations=args.distill_iters, lr=args.distill_lr, schedule=args.distill_schedule,
                          input_weight=args.distill_input_weight, seed=args.seed, flip=args.distill_flip,
-                         jitter=args.distill_jitter)
+                         jitter=args.distill_jitter, coarse_iterations=args.distill_coarse_iters,
+                         coarse_factor=args.distill_coarse_factor)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -135,15 +135,40 @@ DEFAULT_DISTILL_BATCH_LARGE = 16
 LARGE_INPUT_PIXELS = 128 * 128
 
 
+def _is_large(input_size: tuple[int, int]) -> bool:
+    return input_size[0] * input_size[1] > LARGE_INPUT_PIXELS
+
+
 def default_distill_batch(input_size: tuple[int, int]) -> int:
-    h, w = input_size
-    return DEFAULT_DISTILL_BATCH_LARGE if h * w > LARGE_INPUT_PIXELS else DEFAULT_DISTILL_BATCH
+    return DEFAULT_DISTILL_BATCH_LARGE if _is_large(input_size) else DEFAULT_DISTILL_BATCH
 
 
 # Default random shift of the synthesis views (DistillConfig.jitter / RetroConfig.jitter = None): DeepInversion's
 # 30 pixels at 224x224 (Yin et al., 2020), scaled with the shorter input side (4 pixels at 32x32). Chosen on
 # held-apart real images that are never evaluated (BENCHMARKS.md, "Synthesis views").
 DEFAULT_JITTER_FRACTION = 30 / 224
+
+# Distillation steps by input size (DistillConfig.iterations / coarse_iterations = None). CIFAR-sized inputs keep
+# the 100 full-size steps of sessions 1-10. Above LARGE_INPUT_PIXELS (ImageNet-sized) the inputs start with
+# DeepInversion's coarse phase and get more full-size steps: chosen on held-apart real images that are never
+# evaluated (BENCHMARKS.md, "Longer and coarse-to-fine synthesis").
+DEFAULT_DISTILL_ITERS = 100
+DEFAULT_DISTILL_ITERS_LARGE = 300
+DEFAULT_COARSE_ITERS = 0
+DEFAULT_COARSE_ITERS_LARGE = 200
+
+
+def default_distill_iterations(input_size: tuple[int, int]) -> int:
+    return DEFAULT_DISTILL_ITERS_LARGE if _is_large(input_size) else DEFAULT_DISTILL_ITERS
+
+
+def default_coarse_iterations(input_size: tuple[int, int]) -> int:
+    return DEFAULT_COARSE_ITERS_LARGE if _is_large(input_size) else DEFAULT_COARSE_ITERS
+
+
+# Smallest side of the inputs in distillation's coarse phase (DistillConfig.coarse_iterations): below this the
+# strided convolutions of a classifier leave almost no spatial extent.
+MIN_COARSE_SIDE = 8
 
 
 def default_jitter(input_size: tuple[int, int]) -> int:
@@ -175,9 +200,18 @@ class DistillConfig(_ViewsMixin, _JsonMixin):
     def resolved_batch_size(self, input_size: tuple[int, int]) -> int:
         return self.batch_size if self.batch_size is not None else default_distill_batch(input_size)
 
+    def resolved_iterations(self, input_size: tuple[int, int]) -> int:
+        """Full-size steps per batch (``None``: :func:`default_distill_iterations` of the input size)."""
+        return self.iterations if self.iterations is not None else default_distill_iterations(input_size)
+
+    def resolved_coarse_iterations(self, input_size: tuple[int, int]) -> int:
+        """Coarse-phase steps per batch (``None``: :func:`default_coarse_iterations` of the input size)."""
+        c = self.coarse_iterations
+        return c if c is not None else default_coarse_iterations(input_size)
+
     num_batches: int = 1
     batch_size: int | None = None  # None: DEFAULT_DISTILL_BATCH by input size (see resolved_batch_size)
-    iterations: int = 100
+    iterations: int | None = None  # None: by input size (see resolved_iterations)
     lr: float = 0.2
     schedule: str = "cosine"
     input_weight: float = 1.0
@@ -193,6 +227,23 @@ class DistillConfig(_ViewsMixin, _JsonMixin):
     # model sees in that step. On by default since session 10 (BENCHMARKS.md, "Synthesis views").
     flip: bool = True
     jitter: int | None = None
+    # DeepInversion's multi-resolution start (Yin et al., 2020): first ``coarse_iterations`` steps on inputs
+    # ``coarse_factor`` times smaller per side (the model sees them at that size, so a step costs about
+    # 1/coarse_factor^2), then bilinearly upsampled and optimised ``iterations`` more steps at full size.
+    # 0: off; None: by input size (off up to 128x128 pixels, see resolved_coarse_iterations).
+    coarse_iterations: int | None = None
+    coarse_factor: int = 2
+
+    def resolved_coarse_size(self, input_size: tuple[int, int]) -> tuple[int, int] | None:
+        """The input size of the coarse phase, or None when it is off; raises ConfigError when it is too small."""
+        if self.resolved_coarse_iterations(input_size) == 0:
+            return None
+        size = (input_size[0] // self.coarse_factor, input_size[1] // self.coarse_factor)
+        if min(size) < MIN_COARSE_SIDE:
+            raise ConfigError(f"coarse_factor {self.coarse_factor} makes the {input_size[0]}x{input_size[1]} inputs "
+                              f"{size[0]}x{size[1]} in the coarse phase; each side needs at least {MIN_COARSE_SIDE} "
+                              f"pixels: use a smaller coarse_factor or coarse_iterations=0")
+        return size
 
     def __post_init__(self) -> None:
         if not isinstance(self.channels_last, bool):
@@ -200,10 +251,18 @@ class DistillConfig(_ViewsMixin, _JsonMixin):
         check_views(self.flip, self.jitter, "DistillConfig")
         for name in ("num_batches", "batch_size", "iterations"):
             v = getattr(self, name)
-            if v is None and name == "batch_size":
+            if v is None and name != "num_batches":
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        c = self.coarse_iterations
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 0):
+            raise ConfigError(f"coarse_iterations must be a non-negative integer (0: no coarse phase) or None (by "
+                              f"input size), got {c!r}")
+        f = self.coarse_factor
+        if isinstance(f, bool) or not isinstance(f, int) or f < 2:
+            raise ConfigError(f"coarse_factor must be an integer >= 2 (how many times smaller each side is in the "
+                              f"coarse phase), got {f!r}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.input_weight < 0:

@@ -106,11 +106,16 @@ class RetroConfig(_ViewsMixin, _JsonMixin):
         """Retro settings that reuse ``distill``'s optimisation settings (batch size, iterations, lr,
         schedule, init, input-statistics weight, seed, flip/jitter views), e.g. for ``zsq quantize --calib retro`` driven
         by the ``--distill-*`` flags. The class/BN/prior weights keep RetroConfig's defaults unless
-        given in ``changes``."""
-        base = {"num_images": num_images, "batch_size": distill.batch_size, "iterations": distill.iterations,
-                "lr": distill.lr, "schedule": distill.schedule, "init": distill.init,
+        given in ``changes``. Refuses a coarse start (``DistillConfig.coarse_iterations``): Retro has none."""
+        if distill.coarse_iterations:
+            raise ConfigError("Retro-Synthesis has no coarse (multi-resolution) start: --distill-coarse-iters / "
+                              "DistillConfig.coarse_iterations applies to distilled data only; leave it at 0 with "
+                              "--calib retro")
+        base = {"num_images": num_images, "batch_size": distill.batch_size, "lr": distill.lr, "schedule": distill.schedule, "init": distill.init,
                 "input_weight": distill.input_weight, "seed": distill.seed, "flip": distill.flip,
                 "jitter": distill.jitter}
+        if distill.iterations is not None:  # None (distillation's size-dependent default): Retro keeps its own
+            base["iterations"] = distill.iterations
         return cls(**{**base, **changes})
 
     def resolved_sizes(self, input_size: tuple[int, int]) -> tuple[int, int]:
@@ -282,7 +287,7 @@ def retro_synthesize(
                 for it in bar:
                     if plateau is None:
                         for group in opt.param_groups:
-                            group["lr"] = _lr_at(cfg, it)
+                            group["lr"] = _lr_at(cfg, it, cfg.iterations)
                     opt.zero_grad(set_to_none=True)
                     loss, ce, bn, _ = objective(_augmented(x, cfg.flip, jitter, gen), x, y)
                     loss.backward()

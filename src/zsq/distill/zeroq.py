@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..bn_stats import bn_loss, capture_bn_inputs, capture_bn_inputs_folded, channel_stats, require_batchnorm
@@ -52,6 +53,8 @@ class DistillResult:
     seconds: float = 0.0
     flip: bool = False  # the views used (DistillConfig.flip, and its jitter resolved for the input size)
     jitter: int = 0
+    coarse_size: tuple[int, int] | None = None  # the multi-resolution start used (DistillConfig.coarse_iterations)
+    coarse_iterations: int = 0
 
     def to_dict(self) -> dict:
         return {
@@ -61,12 +64,14 @@ class DistillResult:
             "iterations": self.iterations,
             "seconds": round(self.seconds, 3),
             "views": {"flip": self.flip, "jitter": self.jitter},
+            "coarse": (None if self.coarse_size is None
+                       else {"iterations": self.coarse_iterations, "size": list(self.coarse_size)}),
         }
 
 
-def _lr_at(cfg: DistillConfig, step: int) -> float:
+def _lr_at(cfg: DistillConfig, step: int, iterations: int) -> float:
     if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / cfg.iterations))
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / iterations))
     return cfg.lr
 
 
@@ -92,8 +97,13 @@ def distill(
     h, w = preprocessing.input_size
     jitter = cfg.resolved_jitter((h, w))
     batch_size = cfg.resolved_batch_size((h, w))
+    iterations = cfg.resolved_iterations((h, w))
+    coarse_iterations = cfg.resolved_coarse_iterations((h, w))
+    coarse_size = cfg.resolved_coarse_size((h, w))
+    coarse_jitter = int(round(jitter / cfg.coarse_factor))
     gen = torch.Generator().manual_seed(cfg.seed)
-    out, result = [], DistillResult(inputs=torch.empty(0), flip=cfg.flip, jitter=jitter)
+    out, result = [], DistillResult(inputs=torch.empty(0), flip=cfg.flip, jitter=jitter, coarse_size=coarse_size,
+                                    coarse_iterations=coarse_iterations if coarse_size else 0)
     t0 = time.perf_counter()
     # Run on a BN-folded copy: same BN-input statistics (recovered exactly from the folded conv
     # outputs), without the cost of BatchNorm forward/backward. The user's model is not touched.
@@ -116,47 +126,62 @@ def distill(
                 loss = loss + cfg.input_weight * input_stats_loss(inputs, in_mean, in_std)
             return loss
 
+        def _initial(size: tuple[int, int]) -> torch.Tensor:
+            if cfg.init == "gaussian":
+                return torch.randn(batch_size, channels, *size, generator=gen)
+            return torch.rand(batch_size, channels, *size, generator=gen) * 2 - 1
+
+        def _optimise(x0: torch.Tensor, iterations: int, view_jitter: int, desc: str,
+                      early_stop: bool) -> tuple[torch.Tensor, float, float, int]:
+            """``iterations`` Adam steps on ``x0`` (clipped to the pixel range); returns the inputs, the first and
+            last step's loss and the number of steps run."""
+            x = torch.max(torch.min(x0.to(device), hi), lo).contiguous(memory_format=fmt).requires_grad_(True)
+            opt = torch.optim.Adam([x], lr=cfg.lr)
+            plateau = (
+                torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=20)
+                if cfg.schedule == "plateau" else None
+            )
+            bar = tqdm(range(iterations), desc=desc, disable=not progress, leave=False)
+            loss_val, first, steps = float("nan"), None, 0
+            for it in bar:
+                if plateau is None:
+                    for group in opt.param_groups:
+                        group["lr"] = _lr_at(cfg, it, iterations)
+                opt.zero_grad(set_to_none=True)
+                loss = objective(_augmented(x, cfg.flip, view_jitter, gen), x)
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    x.copy_(torch.max(torch.min(x, hi), lo))
+                loss_val = float(loss.detach())
+                if first is None:
+                    first = loss_val
+                if plateau is not None:
+                    plateau.step(loss_val)
+                steps = it + 1
+                if it % 10 == 0:
+                    bar.set_postfix(loss=f"{loss_val:.4f}")
+                if early_stop and cfg.early_stop_loss > 0 and loss_val < cfg.early_stop_loss:
+                    break
+            return x.detach(), (first if first is not None else float("nan")), loss_val, steps
+
         try:
             for b in range(cfg.num_batches):
-                if cfg.init == "gaussian":
-                    x0 = torch.randn(batch_size, channels, h, w, generator=gen)
+                if coarse_size is not None:  # DeepInversion's multi-resolution start: a smaller input first
+                    xc = _optimise(_initial(coarse_size), coarse_iterations, coarse_jitter,
+                                   f"distill batch {b + 1}/{cfg.num_batches} (coarse {coarse_size[0]}x{coarse_size[1]})",
+                                   early_stop=False)[0]
+                    x = F.interpolate(xc, size=(h, w), mode="bilinear", align_corners=False)
                 else:
-                    x0 = torch.rand(batch_size, channels, h, w, generator=gen) * 2 - 1
-                x = torch.max(torch.min(x0.to(device), hi), lo).contiguous(memory_format=fmt).requires_grad_(True)
-                opt = torch.optim.Adam([x], lr=cfg.lr)
-                plateau = (
-                    torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=20)
-                    if cfg.schedule == "plateau" else None
-                )
-                bar = tqdm(range(cfg.iterations), desc=f"distill batch {b + 1}/{cfg.num_batches}",
-                           disable=not progress, leave=False)
-                loss_val, first, steps = float("nan"), None, 0
-                for it in bar:
-                    if plateau is None:
-                        for group in opt.param_groups:
-                            group["lr"] = _lr_at(cfg, it)
-                    opt.zero_grad(set_to_none=True)
-                    loss = objective(_augmented(x, cfg.flip, jitter, gen), x)
-                    loss.backward()
-                    opt.step()
-                    with torch.no_grad():
-                        x.copy_(torch.max(torch.min(x, hi), lo))
-                    loss_val = float(loss.detach())
-                    if first is None:
-                        first = loss_val
-                    if plateau is not None:
-                        plateau.step(loss_val)
-                    steps = it + 1
-                    if it % 10 == 0:
-                        bar.set_postfix(loss=f"{loss_val:.4f}")
-                    if cfg.early_stop_loss > 0 and loss_val < cfg.early_stop_loss:
-                        break
+                    x = _initial((h, w))
+                x, first, loss_val, steps = _optimise(x, iterations, jitter,
+                                                      f"distill batch {b + 1}/{cfg.num_batches}", early_stop=True)
                 if cfg.flip or jitter:  # report the loss of the inputs themselves, not of the last random view
                     with torch.no_grad():
                         loss_val = float(objective(x, x))
                 out.append(x.detach().cpu().contiguous())
                 result.losses.append(loss_val)
-                result.initial_losses.append(first if first is not None else float("nan"))
+                result.initial_losses.append(first)
                 result.iterations.append(steps)
                 log.info("distilled batch %d/%d: BN loss %.4f -> %.4f in %d iterations",
                          b + 1, cfg.num_batches, result.initial_losses[-1], loss_val, steps)
