@@ -780,3 +780,23 @@ def test_real_process_prints_one_error_line(tmp_path):
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("zsq quantize: error: unknown model"), proc.stderr
+
+
+def test_threads_apply_to_the_command_only(tmp_path, capsys, monkeypatch):
+    """--threads sets torch's threads for the command and main() restores them, also when the command fails; the
+    ONNX Runtime --threads of bench-deploy does not touch torch's."""
+    before = torch.get_num_threads()
+    want = before + 1
+    seen = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real(n))[1])
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--threads", str(want), "--out", tmp_path / "q", *FAST)
+    assert rc == 0, err
+    assert seen == [want, before] and torch.get_num_threads() == before
+    seen.clear()
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--threads", str(want), "--weights", tmp_path / "none.pt",
+                     "--out", tmp_path / "bad", *FAST)
+    assert rc == 2 and "Traceback" not in err and seen == [want, before] and torch.get_num_threads() == before
+    seen.clear()
+    rc, _, err = cli(capsys, "bench-deploy", str(tmp_path / "missing.onnx"), "--threads", "3")
+    assert rc == 2 and "does not exist" in err and seen == [] and torch.get_num_threads() == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -10,7 +11,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .cli_types import MODEL_HELP, nonneg_int as _nonneg_int, pos_int as _pos_int
 from .errors import ConfigError, ZsqError
@@ -176,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(KL to the FP32 model, blocks unfrozen in HAWQ order)")
     g.add_argument("--recover-iters", type=_pos_int, default=None,
                    help="steps per layer (adaround) / per block (brecq) / in total (finetune); default per method")
-    g.add_argument("--recover-batch-size", type=_pos_int, default=None, help="inputs per step (default 32)")
+    g.add_argument("--recover-batch-size", type=_pos_int, default=None,
+                   help="inputs per step (default 32; 16 for inputs larger than 128x128 pixels)")
     g.add_argument("--recover-drop-prob", type=float, default=None, metavar="P",
                    help="QDrop: probability of leaving an activation unquantized while reconstructing, in [0, 1) "
                         "(default 0.5 for brecq, 0 for adaround/finetune)")
@@ -218,12 +220,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup(args: argparse.Namespace) -> None:
-    import torch
-
     level = logging.DEBUG if getattr(args, "verbose", False) else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` (``None``: unchanged) for the command, restored afterwards, so
+    that :func:`main` called from Python (or from the tests) leaves the process as it found it."""
+    if not n:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -430,7 +445,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _setup(args)
     try:
-        return COMMANDS[args.command](args)
+        with _torch_threads(getattr(args, "threads", None)):
+            return COMMANDS[args.command](args)
     except ZsqError as exc:
         print(f"zsq {args.command}: error: {exc}", file=sys.stderr)
         return 2

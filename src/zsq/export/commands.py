@@ -72,7 +72,8 @@ def add_commands(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]
                    help="more ONNX models of the same network to time alongside (repeatable)")
     p.add_argument("--reps", type=_pos_int, default=20, help="timed repetitions per model and batch (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
-    p.add_argument("--threads", type=_pos_int, default=2, help="ONNX Runtime intra-op threads (default 2)")
+    p.add_argument("--threads", dest="ort_threads", type=_pos_int, default=2,
+                   help="ONNX Runtime intra-op threads (default 2)")
     p.add_argument("--batch", type=_batches, default=[1, 32], help="comma-separated batch sizes (default 1,32)")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -134,12 +135,12 @@ def cmd_bench_deploy(args: argparse.Namespace) -> int:
             raise ExportError(f"{label} model {path} does not exist")
     if args.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
-    res = bench(models, batches=args.batch, reps=args.reps, warmup=args.warmup, threads=args.threads,
+    res = bench(models, batches=args.batch, reps=args.reps, warmup=args.warmup, threads=args.ort_threads,
                 progress=not args.quiet)
     env = res.environment
     print(f"ONNX Runtime {env.get('onnxruntime')} on {env.get('cpu') or '?'} "
           f"(AVX2 {env.get('avx2')}, AVX-512 VNNI {env.get('avx512_vnni')}, AVX-VNNI {env.get('avx_vnni')}), "
-          f"{args.threads} threads, {args.reps} interleaved repetitions, load average {env.get('load_avg_1_5_15')}")
+          f"{args.ort_threads} threads, {args.reps} interleaved repetitions, load average {env.get('load_avg_1_5_15')}")
     print(res.table())
     for line in advice_for(models, env):
         print(f"speed on this CPU: {line}")
