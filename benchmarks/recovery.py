@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 import zsq
-from zsq.config import DistillConfig, QuantConfig
+from zsq.config import DistillConfig, QuantConfig, is_large_input
 from zsq.data import load_dataset
 from zsq.evaluate import compare
 from zsq.models import load_model
@@ -92,7 +92,7 @@ def run_model(name: str, args: argparse.Namespace, emit) -> None:
     model, spec = load_model(name, weights=weights)
     model.eval()
     eval_ds = load_dataset(data_path, spec.preprocessing, limit=args.limit)
-    is_large = spec.preprocessing.input_size[0] * spec.preprocessing.input_size[1] > 128 * 128
+    is_large = is_large_input(spec.preprocessing.input_size)
     calib_batches = args.calib_batches_large if is_large else args.calib_batches
     settings = [s for s in SETTINGS[name] if not args.settings or s[0] in args.settings.split(",")]
     methods = args.methods.split(",")

@@ -88,7 +88,7 @@ def main() -> None:
                          "default)")
     ap.add_argument("--distill-coarse-iters", type=int, default=DistillConfig().coarse_iterations,
                     help="DistillConfig.coarse_iterations for the calibration inputs: steps at half size before "
-                         "--distill-iters at full size (default 0: off)")
+                         "--distill-iters at full size (default: zsq's, by input size; 0: off)")
     ap.add_argument("--real-holdout", type=int, default=0, metavar="N",
                     help="leave the last N evaluation images out of the evaluation (with --eval); each candidate is "
                          "also scored by its KL to FP32 on them (real_holdout_kl), and --calib-source real uses them")

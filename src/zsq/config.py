@@ -135,12 +135,14 @@ DEFAULT_DISTILL_BATCH_LARGE = 16
 LARGE_INPUT_PIXELS = 128 * 128
 
 
-def _is_large(input_size: tuple[int, int]) -> bool:
+def is_large_input(input_size: tuple[int, int]) -> bool:
+    """Whether an (H, W) input is ImageNet-sized (more than LARGE_INPUT_PIXELS), where the size-dependent defaults
+    of distillation and recovery switch."""
     return input_size[0] * input_size[1] > LARGE_INPUT_PIXELS
 
 
 def default_distill_batch(input_size: tuple[int, int]) -> int:
-    return DEFAULT_DISTILL_BATCH_LARGE if _is_large(input_size) else DEFAULT_DISTILL_BATCH
+    return DEFAULT_DISTILL_BATCH_LARGE if is_large_input(input_size) else DEFAULT_DISTILL_BATCH
 
 
 # Default random shift of the synthesis views (DistillConfig.jitter / RetroConfig.jitter = None): DeepInversion's
@@ -159,11 +161,11 @@ DEFAULT_COARSE_ITERS_LARGE = 200
 
 
 def default_distill_iterations(input_size: tuple[int, int]) -> int:
-    return DEFAULT_DISTILL_ITERS_LARGE if _is_large(input_size) else DEFAULT_DISTILL_ITERS
+    return DEFAULT_DISTILL_ITERS_LARGE if is_large_input(input_size) else DEFAULT_DISTILL_ITERS
 
 
 def default_coarse_iterations(input_size: tuple[int, int]) -> int:
-    return DEFAULT_COARSE_ITERS_LARGE if _is_large(input_size) else DEFAULT_COARSE_ITERS
+    return DEFAULT_COARSE_ITERS_LARGE if is_large_input(input_size) else DEFAULT_COARSE_ITERS
 
 
 # Smallest side of the inputs in distillation's coarse phase (DistillConfig.coarse_iterations): below this the

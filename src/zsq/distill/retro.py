@@ -111,7 +111,8 @@ class RetroConfig(_ViewsMixin, _JsonMixin):
             raise ConfigError("Retro-Synthesis has no coarse (multi-resolution) start: --distill-coarse-iters / "
                               "DistillConfig.coarse_iterations applies to distilled data only; leave it at 0 with "
                               "--calib retro")
-        base = {"num_images": num_images, "batch_size": distill.batch_size, "lr": distill.lr, "schedule": distill.schedule, "init": distill.init,
+        base = {"num_images": num_images, "batch_size": distill.batch_size, "lr": distill.lr,
+                "schedule": distill.schedule, "init": distill.init,
                 "input_weight": distill.input_weight, "seed": distill.seed, "flip": distill.flip,
                 "jitter": distill.jitter}
         if distill.iterations is not None:  # None (distillation's size-dependent default): Retro keeps its own

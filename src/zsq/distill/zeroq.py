@@ -103,7 +103,7 @@ def distill(
     coarse_jitter = int(round(jitter / cfg.coarse_factor))
     gen = torch.Generator().manual_seed(cfg.seed)
     out, result = [], DistillResult(inputs=torch.empty(0), flip=cfg.flip, jitter=jitter, coarse_size=coarse_size,
-                                    coarse_iterations=coarse_iterations if coarse_size else 0)
+                                    coarse_iterations=coarse_iterations)
     t0 = time.perf_counter()
     # Run on a BN-folded copy: same BN-input statistics (recovered exactly from the folded conv
     # outputs), without the cost of BatchNorm forward/backward. The user's model is not touched.

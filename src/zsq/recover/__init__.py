@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..config import ACT_ESTIMATORS, LARGE_INPUT_PIXELS, _JsonMixin
+from ..config import ACT_ESTIMATORS, _JsonMixin, is_large_input
 from ..errors import ConfigError, NotCalibratedError
 from ..quant import primitives as P
 from ..quant.modules import QUANT_LAYER_TYPES, ActQuantizer
@@ -98,7 +98,7 @@ def method_defaults(method: str, input_size: tuple[int, int] | None = None) -> d
     if method not in _METHODS:
         raise ConfigError(f"recovery method {method!r} is not one of {', '.join(_METHODS)}")
     out = dict(_DEFAULTS[method])
-    if input_size is not None and input_size[0] * input_size[1] > LARGE_INPUT_PIXELS:
+    if input_size is not None and is_large_input(input_size):
         out.update(_DEFAULTS_LARGE[method])
     return out
 
