@@ -103,6 +103,17 @@ def main() -> None:
     ap.add_argument("--calib-flip-copies", action="store_true",
                     help="calibrate and recover on the inputs and their horizontal mirror images (twice the inputs "
                          "at no distillation cost)")
+    ap.add_argument("--distill-batch-size", type=int, default=None,
+                    help="DistillConfig.batch_size of the calibration inputs (default: zsq's, by input size); "
+                         "--calib-batches counts batches of this size")
+    ap.add_argument("--distill-coarse-levels", type=int, default=1,
+                    help="DistillConfig.coarse_levels of the calibration inputs (a pyramid of coarse phases)")
+    ap.add_argument("--distill-first-bn-weight", type=float, default=None,
+                    help="DistillConfig.first_bn_weight of the calibration inputs (default: zsq's, by input size; "
+                         "1: the rows before session 13)")
+    ap.add_argument("--holdout-cache", default=None,
+                    help="take the held-apart distilled inputs from this --cache file of an earlier run instead of "
+                         "distilling them again (only the held-apart distilled KL uses them)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -126,9 +137,14 @@ def main() -> None:
         else:
             x, ds = distilled(model, spec, seed=args.seed, batches=args.calib_batches, iters=args.distill_iters,
                               flip=args.distill_flip, jitter=args.distill_jitter,
-                              coarse_iterations=args.distill_coarse_iters)
-        hold, _ = distilled(model, spec, seed=1000 + args.seed, batches=args.holdout_batches,
-                            iters=DistillConfig().iterations)
+                              coarse_iterations=args.distill_coarse_iters, batch_size=args.distill_batch_size,
+                              coarse_levels=args.distill_coarse_levels,
+                              first_bn_weight=args.distill_first_bn_weight)
+        if args.holdout_cache:
+            hold = torch.load(args.holdout_cache, weights_only=True)["h"]
+        else:
+            hold, _ = distilled(model, spec, seed=1000 + args.seed, batches=args.holdout_batches,
+                                iters=DistillConfig().iterations)
         if cache is not None:
             torch.save({"x": x, "h": hold}, cache)
     print(f"{x.shape[0]} distilled inputs ({ds:.0f}s), {hold.shape[0]} held apart", flush=True)

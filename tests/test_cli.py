@@ -558,13 +558,37 @@ def test_distill_coarse_start_flags(tmp_path, capsys):
     assert rc == 0, err
     r = read_report(out)
     assert r["settings"]["distill"]["coarse_iterations"] == 3
-    assert r["calibration"]["coarse"] == {"iterations": 3, "size": [8, 8]}  # 16x16 inputs, factor 2
+    assert r["calibration"]["coarse"] == {"iterations": 3, "size": [8, 8], "levels": [[8, 8]]}  # 16x16, factor 2
     rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--distill-coarse-iters", "3", "--distill-coarse-factor", "4",
                      "--out", tmp_path / "small", *FAST)
     assert_one_line_error(rc, err, "quantize", "coarse_factor 4", "at least 8")
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--distill-coarse-iters", "3", "--distill-coarse-levels", "2",
+                     "--out", tmp_path / "pyr", *FAST)
+    assert_one_line_error(rc, err, "quantize", "over 2 levels", "4x4", "fewer coarse_levels")
     rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--calib", "retro", "--distill-coarse-iters", "3",
                      "--out", tmp_path / "r", *FAST)
     assert_one_line_error(rc, err, "quantize", "retro", "coarse")
+
+
+def test_distill_first_bn_weight_flag(tmp_path, capsys):
+    """--distill-first-bn-weight reaches DistillConfig and the report (which records the weight used, resolved by
+    input size when the flag is left out); a weight <= 0 is a one-line error."""
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--distill-first-bn-weight", "10", "--out", tmp_path / "w", *FAST)
+    assert rc == 0, err
+    r = read_report(tmp_path / "w")
+    assert r["settings"]["distill"]["first_bn_weight"] == 10.0 and r["calibration"]["first_bn_weight"] == 10.0
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--out", tmp_path / "d", *FAST)
+    assert rc == 0, err
+    r = read_report(tmp_path / "d")  # 16x16 inputs: the CIFAR-sized default, every layer alike
+    assert r["settings"]["distill"]["first_bn_weight"] is None and r["calibration"]["first_bn_weight"] == 1.0
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--distill-first-bn-weight", "0", "--out", tmp_path / "z", *FAST)
+    assert_one_line_error(rc, err, "quantize", "first_bn_weight", "> 0")
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--calib", "retro", "--distill-first-bn-weight", "10",
+                     "--out", tmp_path / "r", *FAST)
+    assert_one_line_error(rc, err, "quantize", "retro", "first-bn-weight")
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--calib", "retro", "--distill-coarse-levels", "2",
+                     "--out", tmp_path / "r2", *FAST)
+    assert_one_line_error(rc, err, "quantize", "retro", "coarse-levels")
 
 
 def test_distill_nobn_is_an_error(tmp_path, capsys):

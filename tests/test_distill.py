@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import pytest
@@ -202,7 +203,8 @@ def test_coarse_start(tiny_model, tiny_preprocessing, monkeypatch):
     plain = distill(tiny_model, tiny_preprocessing, _cfg(seed=3, iterations=6, flip=True, jitter=4), progress=False)
     assert torch.equal(a.inputs, b.inputs) and not torch.equal(a.inputs, plain.inputs)
     assert a.inputs.shape == plain.inputs.shape and a.iterations == [6]
-    assert a.to_dict()["coarse"] == {"iterations": 4, "size": [h // 2, w // 2]} and plain.to_dict()["coarse"] is None
+    assert a.to_dict()["coarse"] == {"iterations": 4, "size": [h // 2, w // 2], "levels": [[h // 2, w // 2]]}
+    assert plain.to_dict()["coarse"] is None
     lo, hi = (t.view(1, -1, 1, 1) for t in tiny_preprocessing.input_range())
     assert bool(((a.inputs >= lo - 1e-6) & (a.inputs <= hi + 1e-6)).all())
     monkeypatch.setattr(zq, "_augmented", real)
@@ -210,6 +212,35 @@ def test_coarse_start(tiny_model, tiny_preprocessing, monkeypatch):
     assert distill_loss(tiny_model, long.inputs) < 0.9 * long.initial_losses[0]
     with pytest.raises(ConfigError, match="coarse_factor"):
         distill(tiny_model, tiny_preprocessing, _cfg(coarse_iterations=2, coarse_factor=h), progress=False)
+
+
+def test_coarse_pyramid(tiny_model, tiny_preprocessing, monkeypatch):
+    """coarse_levels=2: coarse_iterations steps at 1/4 then at 1/2 of the size per side (jitter scaled alike), then
+    full size; recorded in the result; one level is the plain coarse start; a pyramid too small is refused."""
+    zq = importlib.import_module("zsq.distill.zeroq")
+    seen: list[tuple[tuple[int, int], int]] = []
+    real = zq._augmented
+
+    def spy(x, flip, jitter, gen):
+        seen.append((tuple(x.shape[-2:]), jitter))
+        return real(x, flip, jitter, gen)
+
+    monkeypatch.setattr(zq, "_augmented", spy)
+    pre = dataclasses.replace(tiny_preprocessing, input_size=(32, 32))
+    cfg = _cfg(seed=5, iterations=3, coarse_iterations=2, coarse_levels=2, flip=True, jitter=8)
+    a = distill(tiny_model, pre, cfg, progress=False)
+    assert seen == [((8, 8), 2)] * 2 + [((16, 16), 4)] * 2 + [((32, 32), 8)] * 3
+    assert a.inputs.shape[-2:] == (32, 32)
+    assert a.to_dict()["coarse"] == {"iterations": 2, "size": [16, 16], "levels": [[8, 8], [16, 16]]}
+    assert torch.equal(a.inputs, distill(tiny_model, pre, cfg, progress=False).inputs)
+    one = distill(tiny_model, pre, dataclasses.replace(cfg, coarse_levels=1), progress=False)
+    assert not torch.equal(a.inputs, one.inputs) and one.to_dict()["coarse"]["levels"] == [[16, 16]]
+    assert cfg.resolved_coarse_sizes((224, 224)) == [(56, 56), (112, 112)]
+    with pytest.raises(ConfigError, match="fewer coarse_levels"):
+        distill(tiny_model, pre, dataclasses.replace(cfg, coarse_levels=3), progress=False)
+    for bad in (0, True, 1.5):
+        with pytest.raises(ConfigError, match="coarse_levels"):
+            DistillConfig(coarse_levels=bad)
 
 
 def test_step_defaults_by_input_size():
@@ -224,6 +255,9 @@ def test_step_defaults_by_input_size():
     assert cfg.resolved_iterations((224, 224)) == DEFAULT_DISTILL_ITERS_LARGE > 100
     assert cfg.resolved_coarse_iterations((224, 224)) == DEFAULT_COARSE_ITERS_LARGE > 0
     assert cfg.resolved_coarse_size((224, 240)) == (112, 120)
+    assert cfg.first_bn_weight is None and cfg.resolved_first_bn_weight((32, 32)) == 1.0
+    assert cfg.resolved_first_bn_weight((224, 224)) == 10.0
+    assert DistillConfig(first_bn_weight=2).resolved_first_bn_weight((224, 224)) == 2.0
     explicit = DistillConfig(iterations=7, coarse_iterations=0)
     assert (explicit.resolved_iterations((224, 224)), explicit.resolved_coarse_size((224, 224))) == (7, None)
 
@@ -314,7 +348,8 @@ def test_distill_without_batchnorm_raises(tiny_model_nobn, tiny_model, tiny_prep
     "kwargs", [dict(iterations=0), dict(batch_size=-1), dict(num_batches=True), dict(lr=0.0), dict(schedule="step"),
                dict(init="zeros"), dict(input_weight=-1.0), dict(early_stop_loss=-0.1), dict(channels_last=1),
                dict(flip=1), dict(jitter=-1), dict(jitter=2.5), dict(jitter=True), dict(coarse_iterations=-1),
-               dict(coarse_iterations=1.5), dict(coarse_factor=1), dict(coarse_factor=True)],
+               dict(coarse_iterations=1.5), dict(coarse_factor=1), dict(coarse_factor=True), dict(first_bn_weight=0),
+               dict(first_bn_weight=-1.0), dict(first_bn_weight=True)],
 )
 def test_distill_config_validation(kwargs):
     with pytest.raises(ConfigError):
@@ -340,6 +375,22 @@ def test_bn_loss_zero_when_statistics_match(tiny_model):
     assert float(bn_loss(targets, stats)) == 0.0
     stats[targets[0].name] = (targets[0].mean + 1.0, targets[0].std)
     assert float(bn_loss(targets, stats)) == pytest.approx(1.0 / len(targets))
+
+
+def test_bn_loss_first_weight_is_the_first_layer_reached(tiny_model, tiny_preprocessing):
+    """first_weight scales the term of the BN layer first in ``stats`` (execution order as the hooks fill it), not
+    the first in definition order; distill with first_bn_weight optimises a different objective."""
+    targets = batchnorm_targets(tiny_model)
+    last = targets[-1]
+    stats = {t.name: (t.mean.clone(), t.std.clone()) for t in reversed(targets)}  # the last layer "ran" first
+    stats[last.name] = (last.mean + 1.0, last.std)
+    stats[targets[0].name] = (targets[0].mean + 1.0, targets[0].std)
+    n = len(targets)
+    assert float(bn_loss(targets, stats)) == pytest.approx(2.0 / n)
+    assert float(bn_loss(targets, stats, first_weight=10.0)) == pytest.approx(11.0 / n)
+    a = distill(tiny_model, tiny_preprocessing, _cfg(seed=2, iterations=5), progress=False)
+    b = distill(tiny_model, tiny_preprocessing, _cfg(seed=2, iterations=5, first_bn_weight=10.0), progress=False)
+    assert not torch.equal(a.inputs, b.inputs)
 
 
 def test_channel_stats():

@@ -295,6 +295,10 @@ def test_config_round_trip_and_from_distill():
     assert RetroConfig.from_distill(DistillConfig(), num_images=8).iterations == RetroConfig().iterations
     with pytest.raises(ConfigError, match="coarse"):  # not silently dropped
         RetroConfig.from_distill(DistillConfig(coarse_iterations=10), num_images=8)
+    with pytest.raises(ConfigError, match="coarse"):
+        RetroConfig.from_distill(DistillConfig(coarse_levels=2), num_images=8)
+    with pytest.raises(ConfigError, match="first-bn-weight"):
+        RetroConfig.from_distill(DistillConfig(first_bn_weight=10.0), num_images=8)
 
 
 def test_total_variation():

@@ -172,15 +172,22 @@ def capture_bn_inputs_folded(
             h.remove()
 
 
-def bn_loss(targets: list[BNTarget], stats: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def bn_loss(targets: list[BNTarget], stats: dict[str, tuple[torch.Tensor, torch.Tensor]], *,
+            first_weight: float = 1.0) -> torch.Tensor:
     """ZeroQ's BN-statistics loss, averaged over layers:
-    ``1/L * sum_l (||mu_l - mu~_l||^2 + ||sigma_l - sigma~_l||^2) / C_l``."""
+    ``1/L * sum_l w_l (||mu_l - mu~_l||^2 + ||sigma_l - sigma~_l||^2) / C_l``.
+
+    ``w_l`` is ``first_weight`` for the BN layer the forward pass reached first (the first key of ``stats``, which
+    the capture hooks fill in execution order; DeepInversion's first-BN multiplier) and 1 for the others."""
     total = None
+    first = next(iter(stats), None)
     for t in targets:
         if t.name not in stats:
             continue
         mean, std = stats[t.name]
         term = (mean - t.mean.to(mean)).pow(2).mean() + (std - t.std.to(std)).pow(2).mean()
+        if t.name == first and first_weight != 1.0:
+            term = first_weight * term
         total = term if total is None else total + term
     if total is None:
         raise NoBatchNormError("no BatchNorm layer was reached by the forward pass")

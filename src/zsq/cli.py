@@ -72,7 +72,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _add_distill_args(p: argparse.ArgumentParser) -> None:
     from .config import (DEFAULT_COARSE_ITERS_LARGE, DEFAULT_DISTILL_ITERS, DEFAULT_DISTILL_ITERS_LARGE,
-                         DEFAULT_JITTER_FRACTION, DistillConfig)
+                         DEFAULT_FIRST_BN_WEIGHT_LARGE, DEFAULT_JITTER_FRACTION, DistillConfig)
 
     d = DistillConfig()
     g = p.add_argument_group("distilled data (ZeroQ)")
@@ -99,6 +99,13 @@ def _add_distill_args(p: argparse.ArgumentParser) -> None:
                         f"{DEFAULT_COARSE_ITERS_LARGE} for inputs larger than 128x128 pixels, else 0: off)")
     g.add_argument("--distill-coarse-factor", type=_pos_int, default=d.coarse_factor, metavar="K",
                    help=f"how many times smaller the coarse inputs are per side (default {d.coarse_factor})")
+    g.add_argument("--distill-coarse-levels", type=_pos_int, default=d.coarse_levels, metavar="L",
+                   help="a pyramid of L coarse phases, --distill-coarse-iters steps each, at 1/K^L ... 1/K of the size "
+                        f"per side, smallest first (default {d.coarse_levels})")
+    g.add_argument("--distill-first-bn-weight", type=float, default=d.first_bn_weight, metavar="W",
+                   help="weight of the first BatchNorm layer's term in the statistics loss (DeepInversion's first-BN "
+                        f"multiplier; 1: every layer weighs the same; default {DEFAULT_FIRST_BN_WEIGHT_LARGE:g} for "
+                        "inputs larger than 128x128 pixels, else 1)")
 
 
 def _distill_config(args: argparse.Namespace):
@@ -108,7 +115,8 @@ def _distill_config(args: argparse.Namespace):
                          iterations=args.distill_iters, lr=args.distill_lr, schedule=args.distill_schedule,
                          input_weight=args.distill_input_weight, seed=args.seed, flip=args.distill_flip,
                          jitter=args.distill_jitter, coarse_iterations=args.distill_coarse_iters,
-                         coarse_factor=args.distill_coarse_factor)
+                         coarse_factor=args.distill_coarse_factor, coarse_levels=args.distill_coarse_levels,
+                         first_bn_weight=args.distill_first_bn_weight)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -168,6 +168,18 @@ def default_coarse_iterations(input_size: tuple[int, int]) -> int:
     return DEFAULT_COARSE_ITERS_LARGE if is_large_input(input_size) else DEFAULT_COARSE_ITERS
 
 
+# Weight of the first BN layer in the distillation loss (DistillConfig.first_bn_weight = None; DeepInversion's
+# first-BN multiplier, its published value 10). ImageNet-sized inputs: 10 since session 13 (real held-apart KL
+# after Lite0 W4A8 + BRECQ 0.342 -> 0.305, lower on 3 of 3 seeds); CIFAR-sized: 1 (ResNet-20 W4A4 was mixed).
+# BENCHMARKS.md, "First-BN weight".
+DEFAULT_FIRST_BN_WEIGHT = 1.0
+DEFAULT_FIRST_BN_WEIGHT_LARGE = 10.0
+
+
+def default_first_bn_weight(input_size: tuple[int, int]) -> float:
+    return DEFAULT_FIRST_BN_WEIGHT_LARGE if is_large_input(input_size) else DEFAULT_FIRST_BN_WEIGHT
+
+
 # Smallest side of the inputs in distillation's coarse phase (DistillConfig.coarse_iterations): below this the
 # strided convolutions of a classifier leave almost no spatial extent.
 MIN_COARSE_SIDE = 8
@@ -235,17 +247,38 @@ class DistillConfig(_ViewsMixin, _JsonMixin):
     # 0: off; None: by input size (off up to 128x128 pixels, see resolved_coarse_iterations).
     coarse_iterations: int | None = None
     coarse_factor: int = 2
+    # A pyramid of coarse phases: with ``coarse_levels`` L > 1 the start runs ``coarse_iterations`` steps at each of
+    # the sizes 1/coarse_factor^L, ..., 1/coarse_factor per side (smallest first), upsampling between them.
+    coarse_levels: int = 1
+    # Weight of the first BN layer's term in the BN-statistics loss (the first one the forward pass reaches;
+    # DeepInversion's first-BN multiplier). 1: all layers alike, as in ZeroQ. None: by input size
+    # (default_first_bn_weight: 10 for ImageNet-sized inputs, else 1).
+    first_bn_weight: float | None = None
+
+    def resolved_first_bn_weight(self, input_size: tuple[int, int]) -> float:
+        w = self.first_bn_weight
+        return float(w) if w is not None else default_first_bn_weight(input_size)
+
+    def resolved_coarse_sizes(self, input_size: tuple[int, int]) -> list[tuple[int, int]]:
+        """The input sizes of the coarse phases, smallest first ([] when it is off); raises ConfigError when the
+        smallest is too small."""
+        if self.resolved_coarse_iterations(input_size) == 0:
+            return []
+        sizes = [(input_size[0] // self.coarse_factor ** k, input_size[1] // self.coarse_factor ** k)
+                 for k in range(self.coarse_levels, 0, -1)]
+        if min(sizes[0]) < MIN_COARSE_SIDE:
+            what = (f"coarse_factor {self.coarse_factor}" if self.coarse_levels == 1
+                    else f"coarse_factor {self.coarse_factor} over {self.coarse_levels} levels")
+            raise ConfigError(f"{what} makes the {input_size[0]}x{input_size[1]} inputs {sizes[0][0]}x{sizes[0][1]} "
+                              f"in the coarsest phase; each side needs at least {MIN_COARSE_SIDE} pixels: use a "
+                              f"smaller coarse_factor{'' if self.coarse_levels == 1 else ' or fewer coarse_levels'} "
+                              f"or coarse_iterations=0")
+        return sizes
 
     def resolved_coarse_size(self, input_size: tuple[int, int]) -> tuple[int, int] | None:
-        """The input size of the coarse phase, or None when it is off; raises ConfigError when it is too small."""
-        if self.resolved_coarse_iterations(input_size) == 0:
-            return None
-        size = (input_size[0] // self.coarse_factor, input_size[1] // self.coarse_factor)
-        if min(size) < MIN_COARSE_SIDE:
-            raise ConfigError(f"coarse_factor {self.coarse_factor} makes the {input_size[0]}x{input_size[1]} inputs "
-                              f"{size[0]}x{size[1]} in the coarse phase; each side needs at least {MIN_COARSE_SIDE} "
-                              f"pixels: use a smaller coarse_factor or coarse_iterations=0")
-        return size
+        """The input size of the (last, largest) coarse phase, or None when it is off."""
+        sizes = self.resolved_coarse_sizes(input_size)
+        return sizes[-1] if sizes else None
 
     def __post_init__(self) -> None:
         if not isinstance(self.channels_last, bool):
@@ -257,14 +290,19 @@ class DistillConfig(_ViewsMixin, _JsonMixin):
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-        c = self.coarse_iterations
-        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 0):
-            raise ConfigError(f"coarse_iterations must be a non-negative integer (0: no coarse phase) or None (by "
-                              f"input size), got {c!r}")
-        f = self.coarse_factor
-        if isinstance(f, bool) or not isinstance(f, int) or f < 2:
-            raise ConfigError(f"coarse_factor must be an integer >= 2 (how many times smaller each side is in the "
-                              f"coarse phase), got {f!r}")
+        for name, lowest, what in (
+                ("coarse_iterations", 0, "a non-negative integer (0: no coarse phase) or None (by input size)"),
+                ("coarse_factor", 2, "an integer >= 2 (how many times smaller each side is in the coarse phase)"),
+                ("coarse_levels", 1, "a positive integer (how many coarse phases, each coarse_factor times smaller "
+                                     "than the next)")):
+            v = getattr(self, name)
+            if (v is not None or name != "coarse_iterations") and (isinstance(v, bool) or not isinstance(v, int)
+                                                                   or v < lowest):
+                raise ConfigError(f"{name} must be {what}, got {v!r}")
+        fw = self.first_bn_weight
+        if fw is not None and (isinstance(fw, bool) or not isinstance(fw, (int, float)) or not 0 < fw < float("inf")):
+            raise ConfigError(f"first_bn_weight must be a number > 0 (1: every BN layer weighs the same) or None "
+                              f"(by input size), got {fw!r}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.input_weight < 0:

@@ -106,10 +106,15 @@ class RetroConfig(_ViewsMixin, _JsonMixin):
         """Retro settings that reuse ``distill``'s optimisation settings (batch size, iterations, lr,
         schedule, init, input-statistics weight, seed, flip/jitter views), e.g. for ``zsq quantize --calib retro`` driven
         by the ``--distill-*`` flags. The class/BN/prior weights keep RetroConfig's defaults unless
-        given in ``changes``. Refuses a coarse start (``DistillConfig.coarse_iterations``): Retro has none."""
-        if distill.coarse_iterations:
+        given in ``changes``. Refuses a coarse start (``DistillConfig.coarse_iterations`` / ``coarse_levels``) and
+        a first-BN weight (``first_bn_weight``) set explicitly: Retro has neither."""
+        if distill.coarse_iterations or distill.coarse_levels != 1:
             raise ConfigError("Retro-Synthesis has no coarse (multi-resolution) start: --distill-coarse-iters / "
-                              "DistillConfig.coarse_iterations applies to distilled data only; leave it at 0 with "
+                              "--distill-coarse-levels (DistillConfig.coarse_iterations / coarse_levels) apply to "
+                              "distilled data only; leave them out with --calib retro")
+        if distill.first_bn_weight is not None:
+            raise ConfigError("Retro-Synthesis weighs every BatchNorm layer alike: --distill-first-bn-weight "
+                              "(DistillConfig.first_bn_weight) applies to distilled data only; leave it out with "
                               "--calib retro")
         base = {"num_images": num_images, "batch_size": distill.batch_size, "lr": distill.lr,
                 "schedule": distill.schedule, "init": distill.init,

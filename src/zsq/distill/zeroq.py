@@ -54,7 +54,9 @@ class DistillResult:
     flip: bool = False  # the views used (DistillConfig.flip, and its jitter resolved for the input size)
     jitter: int = 0
     coarse_size: tuple[int, int] | None = None  # the multi-resolution start used (DistillConfig.coarse_iterations)
-    coarse_iterations: int = 0
+    coarse_iterations: int = 0  # per coarse level
+    coarse_sizes: list[tuple[int, int]] = field(default_factory=list)  # every level, smallest first
+    first_bn_weight: float = 1.0  # DistillConfig.first_bn_weight, resolved for the input size
 
     def to_dict(self) -> dict:
         return {
@@ -64,8 +66,10 @@ class DistillResult:
             "iterations": self.iterations,
             "seconds": round(self.seconds, 3),
             "views": {"flip": self.flip, "jitter": self.jitter},
+            "first_bn_weight": self.first_bn_weight,
             "coarse": (None if self.coarse_size is None
-                       else {"iterations": self.coarse_iterations, "size": list(self.coarse_size)}),
+                       else {"iterations": self.coarse_iterations, "size": list(self.coarse_size),
+                             "levels": [list(s) for s in (self.coarse_sizes or [self.coarse_size])]}),
         }
 
 
@@ -99,11 +103,13 @@ def distill(
     batch_size = cfg.resolved_batch_size((h, w))
     iterations = cfg.resolved_iterations((h, w))
     coarse_iterations = cfg.resolved_coarse_iterations((h, w))
-    coarse_size = cfg.resolved_coarse_size((h, w))
-    coarse_jitter = int(round(jitter / cfg.coarse_factor))
+    first_bn_weight = cfg.resolved_first_bn_weight((h, w))
+    coarse_sizes = cfg.resolved_coarse_sizes((h, w))
+    coarse_size = coarse_sizes[-1] if coarse_sizes else None
     gen = torch.Generator().manual_seed(cfg.seed)
     out, result = [], DistillResult(inputs=torch.empty(0), flip=cfg.flip, jitter=jitter, coarse_size=coarse_size,
-                                    coarse_iterations=coarse_iterations)
+                                    coarse_iterations=coarse_iterations, coarse_sizes=list(coarse_sizes),
+                                    first_bn_weight=first_bn_weight)
     t0 = time.perf_counter()
     # Run on a BN-folded copy: same BN-input statistics (recovered exactly from the folded conv
     # outputs), without the cost of BatchNorm forward/backward. The user's model is not touched.
@@ -121,7 +127,7 @@ def distill(
             """BN-statistics loss of the model on ``view`` plus the input-statistics term of ``inputs``."""
             stats.clear()
             model(view)
-            loss = bn_loss(targets, stats)
+            loss = bn_loss(targets, stats, first_weight=first_bn_weight)
             if cfg.input_weight > 0:
                 loss = loss + cfg.input_weight * input_stats_loss(inputs, in_mean, in_std)
             return loss
@@ -167,13 +173,16 @@ def distill(
 
         try:
             for b in range(cfg.num_batches):
-                if coarse_size is not None:  # DeepInversion's multi-resolution start: a smaller input first
-                    xc = _optimise(_initial(coarse_size), coarse_iterations, coarse_jitter,
-                                   f"distill batch {b + 1}/{cfg.num_batches} (coarse {coarse_size[0]}x{coarse_size[1]})",
-                                   early_stop=False)[0]
-                    x = F.interpolate(xc, size=(h, w), mode="bilinear", align_corners=False)
-                else:
-                    x = _initial((h, w))
+                x = _initial(coarse_sizes[0] if coarse_sizes else (h, w))
+                for k, cs in enumerate(coarse_sizes):  # DeepInversion's multi-resolution start: smaller first
+                    if tuple(x.shape[-2:]) != cs:
+                        x = F.interpolate(x, size=cs, mode="bilinear", align_corners=False)
+                    shrink = cfg.coarse_factor ** (len(coarse_sizes) - k)
+                    x = _optimise(x, coarse_iterations, int(round(jitter / shrink)),
+                                  f"distill batch {b + 1}/{cfg.num_batches} (coarse {cs[0]}x{cs[1]})",
+                                  early_stop=False)[0]
+                if coarse_sizes:
+                    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
                 x, first, loss_val, steps = _optimise(x, iterations, jitter,
                                                       f"distill batch {b + 1}/{cfg.num_batches}", early_stop=True)
                 if cfg.flip or jitter:  # report the loss of the inputs themselves, not of the last random view
