@@ -61,7 +61,9 @@ class DistillResult:
     def to_dict(self) -> dict:
         return {
             "num_inputs": int(self.inputs.shape[0]),
-            "final_loss": self.losses,  # of the returned inputs (with views: not of the last random view)
+            # of the returned inputs (with views: not of the last random view); the objective as optimised, so with
+            # first_bn_weight != 1 it is not distill_loss (which weighs every layer alike)
+            "final_loss": self.losses,
             "initial_loss": self.initial_losses,  # of the first step's view
             "iterations": self.iterations,
             "seconds": round(self.seconds, 3),
