@@ -186,7 +186,7 @@ def bn_loss(targets: list[BNTarget], stats: dict[str, tuple[torch.Tensor, torch.
             continue
         mean, std = stats[t.name]
         term = (mean - t.mean.to(mean)).pow(2).mean() + (std - t.std.to(std)).pow(2).mean()
-        if t.name == first and first_weight != 1.0:
+        if t.name == first:
             term = first_weight * term
         total = term if total is None else total + term
     if total is None:

@@ -284,20 +284,20 @@ class DistillConfig(_ViewsMixin, _JsonMixin):
         if not isinstance(self.channels_last, bool):
             raise ConfigError(f"channels_last must be True or False, got {self.channels_last!r}")
         check_views(self.flip, self.jitter, "DistillConfig")
-        for name in ("num_batches", "batch_size", "iterations"):
+        # (field, smallest value, None allowed (resolved by input size), what it must be)
+        for name, lowest, none_ok, what in (
+                ("num_batches", 1, False, "a positive integer"),
+                ("batch_size", 1, True, "a positive integer"),
+                ("iterations", 1, True, "a positive integer"),
+                ("coarse_iterations", 0, True, "a non-negative integer (0: no coarse phase) or None (by input size)"),
+                ("coarse_factor", 2, False, "an integer >= 2 (how many times smaller each side is in the coarse "
+                                            "phase)"),
+                ("coarse_levels", 1, False, "a positive integer (how many coarse phases, each coarse_factor times "
+                                            "smaller than the next)")):
             v = getattr(self, name)
-            if v is None and name != "num_batches":
+            if v is None and none_ok:
                 continue
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-        for name, lowest, what in (
-                ("coarse_iterations", 0, "a non-negative integer (0: no coarse phase) or None (by input size)"),
-                ("coarse_factor", 2, "an integer >= 2 (how many times smaller each side is in the coarse phase)"),
-                ("coarse_levels", 1, "a positive integer (how many coarse phases, each coarse_factor times smaller "
-                                     "than the next)")):
-            v = getattr(self, name)
-            if (v is not None or name != "coarse_iterations") and (isinstance(v, bool) or not isinstance(v, int)
-                                                                   or v < lowest):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lowest:
                 raise ConfigError(f"{name} must be {what}, got {v!r}")
         fw = self.first_bn_weight
         if fw is not None and (isinstance(fw, bool) or not isinstance(fw, (int, float)) or not 0 < fw < float("inf")):

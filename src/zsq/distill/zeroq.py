@@ -53,10 +53,16 @@ class DistillResult:
     seconds: float = 0.0
     flip: bool = False  # the views used (DistillConfig.flip, and its jitter resolved for the input size)
     jitter: int = 0
-    coarse_size: tuple[int, int] | None = None  # the multi-resolution start used (DistillConfig.coarse_iterations)
-    coarse_iterations: int = 0  # per coarse level
-    coarse_sizes: list[tuple[int, int]] = field(default_factory=list)  # every level, smallest first
+    # The multi-resolution start used (DistillConfig.coarse_iterations / coarse_levels): the size of every coarse
+    # level, smallest first ([]: none), and the steps run at each.
+    coarse_sizes: list[tuple[int, int]] = field(default_factory=list)
+    coarse_iterations: int = 0
     first_bn_weight: float = 1.0  # DistillConfig.first_bn_weight, resolved for the input size
+
+    @property
+    def coarse_size(self) -> tuple[int, int] | None:
+        """The size of the last (largest) coarse level, or None without a coarse start."""
+        return self.coarse_sizes[-1] if self.coarse_sizes else None
 
     def to_dict(self) -> dict:
         return {
@@ -71,7 +77,7 @@ class DistillResult:
             "first_bn_weight": self.first_bn_weight,
             "coarse": (None if self.coarse_size is None
                        else {"iterations": self.coarse_iterations, "size": list(self.coarse_size),
-                             "levels": [list(s) for s in (self.coarse_sizes or [self.coarse_size])]}),
+                             "levels": [list(s) for s in self.coarse_sizes]}),
         }
 
 
@@ -107,10 +113,9 @@ def distill(
     coarse_iterations = cfg.resolved_coarse_iterations((h, w))
     first_bn_weight = cfg.resolved_first_bn_weight((h, w))
     coarse_sizes = cfg.resolved_coarse_sizes((h, w))
-    coarse_size = coarse_sizes[-1] if coarse_sizes else None
     gen = torch.Generator().manual_seed(cfg.seed)
-    out, result = [], DistillResult(inputs=torch.empty(0), flip=cfg.flip, jitter=jitter, coarse_size=coarse_size,
-                                    coarse_iterations=coarse_iterations, coarse_sizes=list(coarse_sizes),
+    out, result = [], DistillResult(inputs=torch.empty(0), flip=cfg.flip, jitter=jitter,
+                                    coarse_sizes=list(coarse_sizes), coarse_iterations=coarse_iterations,
                                     first_bn_weight=first_bn_weight)
     t0 = time.perf_counter()
     # Run on a BN-folded copy: same BN-input statistics (recovered exactly from the folded conv
