@@ -51,6 +51,9 @@ MODELS: dict[str, tuple[Path | None, Path]] = {
     "efficientnet_lite0": (None, SHARED / "data/imagenet-sample-500"),
 }
 FIRST_LAST_8 = {"@first": {"wbits": 8, "abits": 8}, "@last": {"wbits": 8, "abits": 8}}
+# --weights: QuantConfig.weight_symmetric for (recovery rows, PTQ row)
+WEIGHT_SCHEMES: dict[str, tuple[bool | None, bool | None]] = {
+    "recipe": (None, True), "symmetric": (True, True), "asymmetric": (False, False)}
 SETTINGS: dict[str, list[tuple[str, int, int]]] = {
     "cifar_resnet20": [("W4A4", 4, 4), ("W4A8", 4, 8)],
     "cifar_resnet32": [("W4A4", 4, 4), ("W4A8", 4, 8)],
@@ -110,17 +113,27 @@ def run_model(name: str, args: argparse.Namespace, emit) -> None:
         print(f"  seed {seed}: {x.shape[0]} distilled inputs in {distill_s:.1f}s (+{hold.shape[0]} held apart)",
               flush=True)
         for label, w, a in settings:
-            qcfg = QuantConfig(wbits=w, abits=a, overrides=FIRST_LAST_8,
-                               **({"act_estimator": args.act_estimator} if args.act_estimator else {}))
-            base = zsq.quantize(folded, qcfg)
-            zsq.calibrate(base, x, progress=False)
+            bases: dict[bool | None, Any] = {}
+
+            def base_for(symmetric: bool | None) -> Any:  # one calibrated PTQ model per weight scheme
+                if symmetric not in bases:
+                    qcfg = QuantConfig(wbits=w, abits=a, overrides=FIRST_LAST_8, weight_symmetric=symmetric,
+                                       **({"act_estimator": args.act_estimator} if args.act_estimator else {}))
+                    bases[symmetric] = zsq.quantize(folded, qcfg)
+                    zsq.calibrate(bases[symmetric], x, progress=False)
+                return bases[symmetric]
+
             for method in ["ptq", *methods]:
-                q = base if method == "ptq" else clone(base)
+                # as zsq quantize: symmetric weights for plain PTQ, by bit width (asymmetric below 8) with --recover
+                symmetric = WEIGHT_SCHEMES[args.weights][method == "ptq"]
+                q = base_for(symmetric) if method == "ptq" else clone(base_for(symmetric))
                 rec_s, rep = 0.0, None
                 if method != "ptq":
                     kw: dict[str, Any] = {"method": method, "seed": seed}
                     if args.recover_iters is not None:
                         kw["iters"] = args.recover_iters
+                    if args.mirror is not None:
+                        kw["mirror"] = args.mirror
                     t = time.perf_counter()
                     rep = recover(q, model, x, RecoverConfig(**kw), progress=args.progress, holdout_inputs=hold)
                     rec_s = time.perf_counter() - t
@@ -132,7 +145,7 @@ def run_model(name: str, args: argparse.Namespace, emit) -> None:
                        "eval_s": time.perf_counter() - t, "n": res["n"], "peak_mb": peak_mb(),
                        "holdout_kl_before": rep.holdout_kl_before if rep else None,
                        "holdout_kl_after": rep.holdout_kl_after if rep else None,
-                       "recover_config": rep.config if rep else None}
+                       "recover_config": rep.config if rep else None, "weight_symmetric": symmetric}
                 per.setdefault((label, method), []).append(row)
                 emit(row)
                 print(f"    {label} {method:<9} top-1 {row['top1']:.2f} (drop {row['drop']:+.2f}) "
@@ -241,6 +254,12 @@ def main() -> None:
     ap.add_argument("--holdout-batches", type=int, default=1)
     ap.add_argument("--distill-iters", type=int, default=DistillConfig().iterations)
     ap.add_argument("--recover-iters", type=int, default=None, help="override every method's default iterations")
+    ap.add_argument("--weights", choices=sorted(WEIGHT_SCHEMES), default="recipe",
+                    help="weight symmetry: recipe (zsq quantize's: symmetric for the PTQ rows, asymmetric below 8 bits "
+                         "when recovering; rows before session 14 were all symmetric), symmetric, asymmetric")
+    ap.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
+                    help="RecoverConfig.mirror for every method (default: each method's; --no-mirror for the rows "
+                         "before session 14)")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--progress", action="store_true", help="show per-block progress bars")

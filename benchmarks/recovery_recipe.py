@@ -30,11 +30,11 @@ from zsq.data import load_dataset
 from zsq.distill import RetroConfig, retro_synthesize
 from zsq.evaluate import compare
 from zsq.models import load_model
-from zsq.recover import RecoverConfig, recover
+from zsq.recover import RecoverConfig, method_defaults, recover
 from zsq.metrics import kl_divergence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recovery import FIRST_LAST_8, MODELS, clone, distilled  # noqa: E402
+from recovery import FIRST_LAST_8, MODELS, WEIGHT_SCHEMES, clone, distilled  # noqa: E402
 
 
 def parse_candidate(text: str) -> tuple[str, dict[str, Any]]:
@@ -68,7 +68,11 @@ def main() -> None:
     ap.add_argument("--calib-batches", type=int, default=8)
     ap.add_argument("--holdout-batches", type=int, default=1, help="distilled batches (seed + 1000) to score on")
     ap.add_argument("--weight-estimator", default="minmax", choices=["minmax", "mse"])
-    ap.add_argument("--weight-asymmetric", action="store_true")
+    ap.add_argument("--weights", choices=sorted(WEIGHT_SCHEMES), default="recipe",
+                    help="weight symmetry: recipe (zsq quantize's: symmetric for the ptq candidate, asymmetric below "
+                         "8 bits for recovery candidates; every row before session 14 was symmetric), symmetric, "
+                         "asymmetric")
+    ap.add_argument("--weight-asymmetric", action="store_true", help="the same as --weights asymmetric")
     ap.add_argument("--depthwise-bits", type=int, default=None,
                     help="weight bits of the depthwise convs (default: --wbits), e.g. 8 for EfficientNet")
     ap.add_argument("--seed", type=int, default=0)
@@ -102,7 +106,8 @@ def main() -> None:
     ap.add_argument("--retro-tv", type=float, default=0.0, help="RetroConfig.tv_weight for --calib-source retro")
     ap.add_argument("--calib-flip-copies", action="store_true",
                     help="calibrate and recover on the inputs and their horizontal mirror images (twice the inputs "
-                         "at no distillation cost)")
+                         "at no distillation cost; how session 14 measured what RecoverConfig.mirror now does, so "
+                         "the recovery candidates need mirror=false with it)")
     ap.add_argument("--distill-batch-size", type=int, default=None,
                     help="DistillConfig.batch_size of the calibration inputs (default: zsq's, by input size); "
                          "--calib-batches counts batches of this size")
@@ -163,6 +168,12 @@ def main() -> None:
         print(f"calibrating and recovering on {x.shape[0]} real images (the last of the evaluation set, which are "
               f"not evaluated)", flush=True)
     if args.calib_flip_copies:
+        parsed = {t: parse_candidate(t) for t in args.candidates}
+        mirrored = [t for t, (method, kw) in parsed.items() if method != "ptq" and kw.get(
+            "mirror", method_defaults(method, tuple(x.shape[-2:])).get("mirror", False))]
+        if mirrored:
+            raise SystemExit(f"--calib-flip-copies: {', '.join(mirrored)} would mirror the mirror images again "
+                             "(RecoverConfig.mirror); add mirror=false to them or drop --calib-flip-copies")
         x = torch.cat([x, x.flip(-1)])
         print(f"with their mirror images: {x.shape[0]} calibration inputs", flush=True)
     folded, _ = zsq.fold_batchnorm(model)
@@ -174,16 +185,24 @@ def main() -> None:
             raise SystemExit(f"--depthwise-bits: {args.model} has no depthwise convolution")
         overrides["re:^(" + "|".join(re.escape(n) for n in dw) + ")$"] = {"wbits": args.depthwise_bits}
         print(f"{len(dw)} depthwise convs at W{args.depthwise_bits}", flush=True)
-    base = zsq.quantize(folded, QuantConfig(wbits=args.wbits, abits=args.abits, overrides=overrides,
-                                            weight_estimator=args.weight_estimator,
-                                            weight_symmetric=not args.weight_asymmetric))
-    zsq.calibrate(base, x, progress=False)
+    scheme = WEIGHT_SCHEMES["asymmetric" if args.weight_asymmetric else args.weights]
+    bases: dict[bool | None, Any] = {}
+
+    def base_for(symmetric: bool | None) -> Any:  # one calibrated PTQ model per weight scheme
+        if symmetric not in bases:
+            bases[symmetric] = zsq.quantize(folded, QuantConfig(
+                wbits=args.wbits, abits=args.abits, overrides=overrides, weight_estimator=args.weight_estimator,
+                weight_symmetric=symmetric))
+            zsq.calibrate(bases[symmetric], x, progress=False)
+        return bases[symmetric]
+
     eval_ds = (load_dataset(data_path, spec.preprocessing, subset=slice(0, n_eval) if n_eval else None)
                if args.eval else None)
     rows = []
     for text in args.candidates:
         method, kw = parse_candidate(text)
-        q = clone(base)
+        symmetric = scheme[method == "ptq"]
+        q = clone(base_for(symmetric))
         t = time.perf_counter()
         if method == "ptq":  # no recovery: the calibrated model as it is
             kl = holdout_kl(model, q, hold)
@@ -193,6 +212,7 @@ def main() -> None:
                           holdout_inputs=hold)
             row = {"candidate": text, "holdout_kl_before": rep.holdout_kl_before,
                    "holdout_kl_after": rep.holdout_kl_after, "seconds": time.perf_counter() - t}
+        row["weight_symmetric"] = symmetric
         if args.bias_correction != "off":  # as zsq quantize: after recovery, on the final weights
             bias = correct_bias(q, folded, x, config=BiasCorrectionConfig(mode=args.bias_correction))
             row.update(bias_mode=bias.mode, holdout_kl_bias_corrected=holdout_kl(model, q, hold))

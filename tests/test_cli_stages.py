@@ -230,8 +230,71 @@ def test_recover_starts_from_percentile_unless_an_estimator_is_given(tmp_path, c
     assert s["recover"]["act_estimator"] == (None if explicit else "percentile")
 
 
+@pytest.mark.parametrize("recover, flag, expected", [
+    (True, None, {"conv1": True, "conv2": False, "fc": False}),  # the recovery recipe: asymmetric below 8 bits
+    (True, "--weight-symmetric", {"conv1": True, "conv2": True, "fc": True}),
+    (False, None, {"conv1": True, "conv2": True, "fc": True}),  # plain PTQ keeps symmetric weights
+    (False, "--weight-asymmetric", {"conv1": False, "conv2": False, "fc": False}),
+])
+def test_weight_symmetry_defaults_to_by_bits_with_recover(tmp_path, capsys, recover, flag, expected):
+    out = tmp_path / "sym"
+    extra = (["--recover", "adaround", "--recover-iters", "2"] if recover else []) + ([flag] if flag else [])
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--wbits", "4", "--override", "@first=w8", *extra,
+                     "--out", out, *FAST)
+    assert rc == 0, err
+    r = report(out)
+    layers = {l["name"]: l["weight_symmetric"] for l in r["quantizers"]["layers"]}
+    assert {k: layers[k] for k in expected} == expected
+    assert r["settings"]["quant"]["weight_symmetric"] == (None if recover and not flag else
+                                                           {"--weight-symmetric": True, "--weight-asymmetric": False,
+                                                            None: True}[flag])
+
+
+def test_weight_symmetric_and_asymmetric_exclude_each_other(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:  # argparse: usage + one error line
+        cli(capsys, "quantize", "tiny_cnn", "--weight-symmetric", "--weight-asymmetric", "--out", tmp_path / "x", *FAST)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "not allowed with argument --weight-symmetric" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("method, extra, mirror", [
+    ("brecq", [], False),  # 16x16 inputs: off (on by default for brecq on ImageNet-sized inputs)
+    ("brecq", ["--recover-mirror"], True), ("adaround", ["--recover-mirror"], True),
+    ("brecq", ["--no-distill-flip", "--recover-mirror"], True), ("adaround", ["--no-recover-mirror"], False)])
+def test_recover_mirror_flag(tmp_path, capsys, method, extra, mirror):
+    out = tmp_path / "mirror"
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--wbits", "4", "--recover", method, "--recover-iters", "2",
+                     "--distill-batch-size", "8", *extra, "--out", out, "--distill-iters", "3", "-q")
+    assert rc == 0, err
+    r = report(out)
+    assert r["recover"]["config"]["mirror"] is mirror
+    assert r["recover"]["num_inputs"] == 8 * (2 if mirror else 1)
+
+
+@pytest.mark.parametrize("extra, mirror", [([], None), (["--no-distill-flip"], False),
+                                           (["--no-distill-flip", "--recover-mirror"], True)])
+def test_no_distill_flip_turns_the_mirror_default_off(tmp_path, monkeypatch, extra, mirror):
+    """None leaves the choice to RecoverConfig (on for brecq on ImageNet-sized inputs); a model whose classes are
+    not mirror-symmetric (--no-distill-flip) gets no mirror images unless asked for."""
+    import zsq.pipeline
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def fake_run(cfg, **kw):
+        seen["cfg"] = cfg
+        raise Stop
+
+    monkeypatch.setattr(zsq.pipeline, "run", fake_run)
+    with pytest.raises(Stop):
+        main(["quantize", "tiny_cnn", "--wbits", "4", "--recover", "brecq", *extra, "--out", str(tmp_path / "x")])
+    assert seen["cfg"].recover.mirror is mirror
+
+
 @pytest.mark.parametrize("flag", [("--recover-iters", "3"), ("--recover-drop-prob", "0.3"),
-                                  ("--recover-fisher", "0.5")])
+                                  ("--recover-fisher", "0.5"), ("--recover-mirror",)])
 def test_recover_options_without_recover(tmp_path, capsys, flag):
     rc, _, err = cli(capsys, "quantize", "tiny_cnn", *flag, "--out", tmp_path / "x", *FAST)
     assert rc == 2 and "--recover" in err and "Traceback" not in err

@@ -473,6 +473,28 @@ def test_weight_quantizer_per_tensor(branch, symmetric):
         assert w_int.dtype == torch.int32 and int(w_int.min()) >= qmin and int(w_int.max()) <= qmax
 
 
+def test_weight_symmetry_by_bit_width(branch):
+    """weight_symmetric=None: symmetric at >= 8 bits (int8 kernels), asymmetric below; recorded per layer."""
+    cfg = QuantConfig(wbits=4, weight_symmetric=None, overrides={"conv1": {"wbits": 8}, "conv_b": {"wbits": 6}})
+    q = quantize(branch, cfg)
+    got = {name: layer.weight_quantizer.symmetric for name, layer in weight_layers(q).items()}
+    assert got == {"conv1": True, "conv_a": False, "conv_b": False, "fc": False}
+    assert {p.name: p.weight_symmetric for p in q.zsq_report.layers} == got
+    assert (q.conv1.weight_quantizer.zero_point == 0).all()
+    assert not (q.conv_a.weight_quantizer.zero_point == 0).all()  # min/max of a channel are not mirror images
+    assert cfg.weight_symmetric_for(8) and not cfg.weight_symmetric_for(7)
+    for forced in (True, False):  # an explicit choice holds at every bit width
+        c = QuantConfig(wbits=4, weight_symmetric=forced, overrides={"conv1": {"wbits": 8}})
+        assert {l.weight_quantizer.symmetric for l in weight_layers(quantize(branch, c)).values()} == {forced}
+    assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, 0.0])
+def test_weight_symmetric_must_be_bool_or_none(bad):
+    with pytest.raises(ConfigError, match="weight_symmetric must be True, False or None"):
+        QuantConfig(weight_symmetric=bad)
+
+
 def test_granularity_override(branch):
     q = quantize(branch, QuantConfig(weight_granularity="per_tensor", overrides={"conv_a": {"weight_granularity": "per_channel"}}))
     assert q.conv_a.weight_quantizer.scale.shape == (8,)

@@ -387,6 +387,41 @@ def test_deterministic_under_a_seed(setup):
     assert any(not torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
 
 
+def test_mirror_learns_from_the_inputs_and_their_mirror_images(setup):
+    """mirror=True is exactly recovery on the inputs followed by their horizontal mirror images."""
+    fp32, qmodel, train, _ = setup
+    kw = dict(method="brecq", iters=10, batch_size=8, seed=3)
+    q1, q2 = clone(qmodel), clone(qmodel)
+    r1 = recover(q1, fp32, train, RecoverConfig(mirror=True, **kw), progress=False)
+    r2 = recover(q2, fp32, torch.cat([train, train.flip(-1)]), RecoverConfig(mirror=False, **kw), progress=False)
+    assert r1.num_inputs == r2.num_inputs == 2 * train.shape[0]
+    assert r1.config["mirror"] is True and r2.config["mirror"] is False
+    s1, s2 = q1.state_dict(), q2.state_dict()
+    for k in s1:
+        assert torch.equal(s1[k], s2[k]), k
+    # the default: on for brecq on ImageNet-sized inputs (chosen on held-apart real images), off otherwise
+    assert RecoverConfig(method="brecq").resolved((224, 224)).mirror is True
+    assert RecoverConfig(method="brecq").resolved((32, 32)).mirror is False
+    assert RecoverConfig(method="brecq").resolved().mirror is False
+    for m in ("adaround", "finetune"):
+        assert RecoverConfig(method=m).resolved((224, 224)).mirror is False
+    assert RecoverConfig(method="brecq", mirror=False).resolved((224, 224)).mirror is False
+    with pytest.raises(ConfigError, match="mirror must be True, False or None"):
+        RecoverConfig(mirror="yes")
+
+
+def test_mirror_needs_image_batches():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+    q = zsq.quantize(mlp, QuantConfig(wbits=4, abits=8))
+    zsq.calibrate(q, x, progress=False)
+    with pytest.raises(ConfigError, match="image batches"):
+        recover(clone(q), mlp, x, RecoverConfig(method="brecq", iters=2, mirror=True), progress=False)
+    report = recover(q, mlp, x, RecoverConfig(method="brecq", iters=2, batch_size=8), progress=False)
+    assert report.config["mirror"] is False and report.num_inputs == 32  # the default leaves non-images alone
+
+
 @pytest.mark.parametrize("method,target", [("brecq", "zsq.recover.brecq.optimize_unit"),
                                            ("finetune", "zsq.recover.finetune.distillation_kl")])
 def test_state_restored_after_an_exception(setup, monkeypatch, method, target):

@@ -77,6 +77,27 @@ def test_kl_matches_direct_definition(qtiny, inputs):
     assert t.values["conv2"][2] == pytest.approx(float(kl_divergence(ref, out).mean()), rel=1e-6)
 
 
+def test_candidate_quantizers_follow_the_by_bits_symmetry_rule(seed):
+    """With weight_symmetric=None the 8-bit model is symmetric, but its 4-bit candidates are asymmetric, as
+    zsq.quantize would make them; sensitivity measures the quantizer the final model gets."""
+    from zsq.sensitivity import make_weight_quantizer
+
+    q = prepare_model(make_tiny_model(), QuantConfig(wbits=8, weight_symmetric=None))
+    name, layer = target_layers(q)[1]
+    assert layer.weight_quantizer.symmetric
+    assert make_weight_quantizer(layer, 8, config=q.zsq_config).symmetric
+    four = make_weight_quantizer(layer, 4, config=q.zsq_config)
+    assert not four.symmetric and make_weight_quantizer(layer, 4).symmetric  # without a config: the layer's own
+    inputs = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    t = compute_sensitivity(q, inputs, method="kl", bits=(4,), progress=False)
+    with isolated_weights(q) as iso, torch.no_grad():
+        ref = q(inputs)
+        with iso.only(name, four):
+            out = q(inputs)
+    from zsq.metrics import kl_divergence
+    assert t.values[name][4] == pytest.approx(float(kl_divergence(ref, out).mean()), rel=1e-6)
+
+
 def test_kl_handles_inplace_ops_in_the_suffix(seed):
     class InplaceNet(nn.Module):
         def __init__(self):

@@ -120,7 +120,7 @@ def _distill_config(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import ACT_ESTIMATORS, BIAS_MODES, QuantConfig, WEIGHT_ESTIMATORS
+    from .config import ACT_ESTIMATORS, BIAS_MODES, SYMMETRIC_WEIGHT_MIN_BITS, QuantConfig, WEIGHT_ESTIMATORS
 
     qd = QuantConfig()
     parser = argparse.ArgumentParser(
@@ -150,7 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="automatic threshold: allowed relative KL increase over all per-channel (default 0.05)")
     p.add_argument("--weight-quantizer", choices=("uniform", "nonuniform"), default="uniform",
                    help="uniform integer grid (default) or non-uniform codebook levels (not exportable to ONNX QDQ)")
-    p.add_argument("--weight-asymmetric", action="store_true", help="asymmetric (uint) weights instead of symmetric int")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--weight-asymmetric", action="store_true",
+                     help="asymmetric (uint, zero-point per channel) weights at every bit width")
+    sym.add_argument("--weight-symmetric", action="store_true",
+                     help="symmetric (signed int) weights at every bit width (the default without --recover; with "
+                          f"--recover, weights below {SYMMETRIC_WEIGHT_MIN_BITS} bits are asymmetric unless this is "
+                          "given)")
     p.add_argument("--weight-estimator", choices=WEIGHT_ESTIMATORS, default=qd.weight_estimator,
                    help=f"weight range (default {qd.weight_estimator})")
     p.add_argument("--act-estimator", choices=ACT_ESTIMATORS, default=None,
@@ -193,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recover-fisher", type=float, default=None, metavar="MIX",
                    help="brecq: weigh each block's output error by the float model's Fisher information, mixed "
                         "with the plain squared error as (1 - MIX) + MIX * Fisher, MIX in [0, 1] (default 0: plain)")
+    g.add_argument("--recover-mirror", action=argparse.BooleanOptionalAction, default=None,
+                   help="also learn from the mirror image of every calibration input (default: on for brecq on "
+                        "inputs larger than 128x128 pixels, else off; off with --no-distill-flip)")
     _add_distill_args(p)
     from .sensitivity.commands import add_mixed_precision_args
 
@@ -280,6 +289,16 @@ def cmd_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weight_symmetric(args: argparse.Namespace) -> bool | None:
+    """QuantConfig.weight_symmetric from the flags: forced either way, else by bit width when recovering (the
+    recovery recipe's scheme, chosen on held-apart real images) and symmetric otherwise."""
+    if args.weight_asymmetric:
+        return False
+    if args.weight_symmetric:
+        return True
+    return None if args.recover is not None else True
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .bias_correction import BiasCorrectionReport
     from .config import QuantConfig
@@ -292,7 +311,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     qcfg = QuantConfig(
         wbits=args.wbits, abits=args.abits, weight_quantizer=args.weight_quantizer,
         weight_granularity="per_channel" if hybrid else args.weight_granularity,
-        weight_symmetric=not args.weight_asymmetric, weight_estimator=args.weight_estimator,
+        weight_symmetric=_weight_symmetric(args), weight_estimator=args.weight_estimator,
         act_estimator=args.act_estimator or QuantConfig().act_estimator, act_percentile=args.act_percentile, overrides=overrides,
         skip=tuple(args.skip),
     )
@@ -315,12 +334,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         rcfg = RecoverConfig(method=args.recover, iters=args.recover_iters,
                              **({"batch_size": args.recover_batch_size} if args.recover_batch_size else {}),
                              drop_prob=args.recover_drop_prob, seed=args.seed, fisher=args.recover_fisher,
+                             # a model whose classes are not mirror-symmetric (--no-distill-flip) learns no mirror
+                             mirror=False if args.recover_mirror is None and not args.distill_flip
+                             else args.recover_mirror,
                              # an explicit --act-estimator is kept through recovery
                              **({"act_estimator": None} if args.act_estimator is not None else {}))
     elif (args.recover_iters, args.recover_batch_size, args.recover_drop_prob,
-          args.recover_fisher) != (None, None, None, None):
-        raise ConfigError("--recover-iters / --recover-batch-size / --recover-drop-prob / --recover-fisher need "
-                          "--recover adaround|brecq|finetune")
+          args.recover_fisher, args.recover_mirror) != (None, None, None, None, None):
+        raise ConfigError("--recover-iters / --recover-batch-size / --recover-drop-prob / --recover-fisher / "
+                          "--recover-mirror need --recover adaround|brecq|finetune")
     cfg = RunConfig(model=args.model, weights=args.weights, quant=qcfg, distill=_distill_config(args), calib=calib,
                     calib_size=args.calib_size, eval=args.eval, eval_split=args.eval_split,
                     eval_limit=args.eval_limit, device=args.device, seed=args.seed, mixed_precision=mp_cfg,

@@ -70,6 +70,12 @@ class LayerOverride(_JsonMixin):
             _check_choice(self.weight_granularity, WEIGHT_GRANULARITIES, "override weight_granularity")
 
 
+# With QuantConfig.weight_symmetric=None, weights of at least this many bits are symmetric (ONNX Runtime's int8
+# kernels) and narrower ones asymmetric: a per-channel zero-point lets a skewed channel (e.g. a depthwise kernel
+# with one large tap) use all 2^b levels, which halves EfficientNet-Lite0's 4-bit depthwise weight error.
+SYMMETRIC_WEIGHT_MIN_BITS = 8
+
+
 @dataclass(frozen=True)
 class QuantConfig(_JsonMixin):
     """How to quantize weights and activations.
@@ -84,7 +90,10 @@ class QuantConfig(_JsonMixin):
     wbits: int = 8
     abits: int = 8
     weight_granularity: str = "per_channel"
-    weight_symmetric: bool = True
+    # True: signed narrow-range weights (int8 kernels in ONNX Runtime); False: unsigned with a zero-point per
+    # channel; None: by bit width, symmetric at >= SYMMETRIC_WEIGHT_MIN_BITS bits and asymmetric below (see
+    # weight_symmetric_for; zsq quantize --recover uses None: docs/recovery.md, "Asymmetric low-bit weights").
+    weight_symmetric: bool | None = True
     act_symmetric: bool = False
     weight_estimator: str = "minmax"
     act_estimator: str = "mse"
@@ -93,8 +102,17 @@ class QuantConfig(_JsonMixin):
     skip: tuple[str, ...] = ()
     weight_quantizer: str = "uniform"  # "uniform" grid or "nonuniform" codebook (zsq.quant.nonuniform)
 
+    def weight_symmetric_for(self, bits: int) -> bool:
+        """Whether ``bits``-bit weights are quantized symmetrically under this config."""
+        if self.weight_symmetric is None:
+            return bits >= SYMMETRIC_WEIGHT_MIN_BITS
+        return self.weight_symmetric
+
     def __post_init__(self) -> None:
         _check_choice(self.weight_quantizer, WEIGHT_QUANTIZERS, "weight_quantizer")
+        if self.weight_symmetric is not None and not isinstance(self.weight_symmetric, bool):
+            raise ConfigError(f"weight_symmetric must be True, False or None (symmetric at >= "
+                              f"{SYMMETRIC_WEIGHT_MIN_BITS} bits, asymmetric below), got {self.weight_symmetric!r}")
         check_bits(self.wbits, "wbits")
         check_bits(self.abits, "abits")
         _check_choice(self.weight_granularity, WEIGHT_GRANULARITIES, "weight_granularity")

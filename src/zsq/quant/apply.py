@@ -45,6 +45,7 @@ class LayerPlan:
     params: int
     out_channels: int
     weight_quantizer: str = "uniform"  # "uniform" or "nonuniform" (codebook, zsq.quant.nonuniform)
+    weight_symmetric: bool | None = None  # None: kept in float (QuantConfig.weight_symmetric_for of its bits)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -124,7 +125,8 @@ def resolve_layer_plans(gm: fx.GraphModule, config: QuantConfig) -> list[LayerPl
         kind = type(mod).__name__.replace("Quant", "")
         out_ch = mod.weight.shape[0]
         plans.append(LayerPlan(name, kind, None if floated else w, None if floated else a, g,
-                               mod.weight.numel(), out_ch, wkind))
+                               mod.weight.numel(), out_ch, wkind,
+                               None if floated else config.weight_symmetric_for(w)))
     return plans
 
 
@@ -174,13 +176,13 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
         wq: WeightQuantizer | NonUniformWeightQuantizer
         if plan.weight_quantizer == "nonuniform":
             wq = NonUniformWeightQuantizer(
-                bits=plan.wbits, symmetric=config.weight_symmetric,
+                bits=plan.wbits, symmetric=bool(plan.weight_symmetric),
                 per_channel=plan.weight_granularity == "per_channel", channels=plan.out_channels,
                 estimator=config.weight_estimator,
             )
         else:
             wq = WeightQuantizer(
-                bits=plan.wbits, symmetric=config.weight_symmetric,
+                bits=plan.wbits, symmetric=bool(plan.weight_symmetric),
                 per_channel=plan.weight_granularity == "per_channel", channels=plan.out_channels,
                 estimator=config.weight_estimator,
             )

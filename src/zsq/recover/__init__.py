@@ -60,19 +60,21 @@ METHODS = tuple(_METHODS)
 # (brecq), in total (finetune). Chosen on held-apart distilled data (docs/recovery.md).
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "adaround": {"iters": 200, "batch_size": 32, "lr": 3e-2, "act_lr": 1e-2, "learn_act_scale": False,
-                 "drop_prob": 0.0, "learn_weight_scale": False, "learn_bias": False},
+                 "drop_prob": 0.0, "learn_weight_scale": False, "learn_bias": False, "mirror": False},
     "brecq": {"iters": 300, "batch_size": 32, "lr": 1e-2, "act_lr": 1e-2, "learn_act_scale": True,
-              "drop_prob": 0.5, "learn_weight_scale": False, "learn_bias": False, "fisher": 0.0},
+              "drop_prob": 0.5, "learn_weight_scale": False, "learn_bias": False, "fisher": 0.0, "mirror": False},
     "finetune": {"iters": 600, "batch_size": 32, "lr": 1e-4, "act_lr": 1e-2, "learn_act_scale": True,
-                 "drop_prob": 0.0, "learn_weight_scale": False, "learn_bias": False},
+                 "drop_prob": 0.0, "learn_weight_scale": False, "learn_bias": False, "mirror": False},
 }
 # For ImageNet-sized inputs (above LARGE_INPUT_PIXELS) one step costs ~50x a CIFAR step: smaller batches (and,
 # for adaround / finetune, fewer steps) keep EfficientNet-Lite0 within ~30 minutes on 2 CPU cores. BRECQ got
 # 300 steps per block in session 12 (was 150): real held-apart KL 0.403 -> 0.342 on Lite0 W4A8, 3 of 3 seeds
-# (BENCHMARKS.md, "BRECQ steps on ImageNet-sized inputs").
+# (BENCHMARKS.md, "BRECQ steps on ImageNet-sized inputs"). Its 64 inputs' mirror images joined them in session
+# 14: real held-apart KL 0.255 -> 0.235, 3 of 3 seeds; ResNet-20 W4A4 went the other way (0.284 -> 0.295 over
+# 5 seeds), so CIFAR-sized inputs keep mirror off (BENCHMARKS.md, "Asymmetric low-bit weights and mirror images").
 _DEFAULTS_LARGE: dict[str, dict[str, Any]] = {
     "adaround": {"iters": 100, "batch_size": 16},
-    "brecq": {"iters": 300, "batch_size": 16},
+    "brecq": {"iters": 300, "batch_size": 16, "mirror": True},
     "finetune": {"iters": 200, "batch_size": 16},
 }
 UNFREEZE = ("hawq", "all")
@@ -140,6 +142,12 @@ class RecoverConfig(_JsonMixin):
     the float model's output distribution with respect to it (BRECQ's output-sensitivity weighting; labels
     drawn from the float model's softmax, ``fisher_samples`` draws per input), mixed with the plain squared
     error as ``(1 - fisher) + fisher * F / mean(F)``; 0 (the default) is plain squared error.
+    ``mirror``: also learn from the horizontal mirror image of every calibration input (twice the inputs at
+    no synthesis cost; for image batches (N, C, H, W) of models whose classes are mirror-symmetric, like the
+    distillation views of ``DistillConfig.flip``). It applies to the activation recalibration and to every
+    step; the default is on for brecq on ImageNet-sized inputs (chosen on held-apart real images: better
+    on EfficientNet-Lite0, not on ResNet-20, docs/recovery.md), off otherwise, and off for inputs that are
+    not image batches unless set explicitly (which then raises).
     """
 
     method: str = "brecq"
@@ -165,6 +173,7 @@ class RecoverConfig(_JsonMixin):
     act_estimator: str | None = "percentile"
     fisher: float | None = None
     fisher_samples: int = 1
+    mirror: bool | None = None
 
     def __post_init__(self) -> None:
         if self.act_estimator is not None and self.act_estimator not in ACT_ESTIMATORS:
@@ -211,6 +220,9 @@ class RecoverConfig(_JsonMixin):
             if self.fisher and self.method != "brecq":
                 raise ConfigError(f"fisher weighting is implemented for method='brecq', got method={self.method!r}")
         _pos_int(self.fisher_samples, "fisher_samples")
+        if self.mirror is not None and not isinstance(self.mirror, bool):
+            raise ConfigError(f"RecoverConfig.mirror must be True, False or None (the method's default), "
+                              f"got {self.mirror!r}")
         if self.unfreeze not in UNFREEZE:
             raise ConfigError(f"RecoverConfig.unfreeze={self.unfreeze!r} is not one of {', '.join(UNFREEZE)}")
         if self.learn_act_scale and self.method == "adaround":
@@ -399,7 +411,14 @@ def recover(
         raise ConfigError(f"config must be a zsq.recover.RecoverConfig, got {type(cfg).__name__}")
     gm = _check_model(qmodel)
     x = _check_inputs(calib_inputs, "calib_inputs")
+    if cfg.mirror and x.dim() != 4:
+        raise ConfigError(f"RecoverConfig.mirror needs image batches (N, C, H, W) to mirror, got inputs of shape "
+                          f"{tuple(x.shape)}; set mirror=False")
+    if cfg.mirror is None and x.dim() != 4:  # the default does not apply to inputs that are not images
+        cfg = dataclasses.replace(cfg, mirror=False)
     cfg = cfg.resolved(tuple(x.shape[-2:]) if x.dim() == 4 else None)
+    if cfg.mirror:
+        x = torch.cat([x, x.flip(-1)])
     h = _check_inputs(holdout_inputs, "holdout_inputs") if holdout_inputs is not None else None
     if device is None:
         p = next(gm.parameters(), None)

@@ -304,10 +304,13 @@ def target_layers(qmodel: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def make_weight_quantizer(layer: nn.Module, bits: int) -> WeightQuantizer:
-    """A ``bits``-bit weight quantizer with the settings of ``layer``'s own, fitted to its weight."""
+def make_weight_quantizer(layer: nn.Module, bits: int, *, config: Any = None) -> WeightQuantizer:
+    """A ``bits``-bit weight quantizer with the settings of ``layer``'s own, fitted to its weight. With the
+    model's ``QuantConfig`` (``qmodel.zsq_config``), symmetry follows its rule for ``bits`` (which, with
+    ``weight_symmetric=None``, depends on the bit width) instead of the layer's current quantizer."""
     wq = layer.weight_quantizer
-    new = WeightQuantizer(bits=bits, symmetric=wq.symmetric, per_channel=wq.per_channel,
+    symmetric = config.weight_symmetric_for(bits) if config is not None else wq.symmetric
+    new = WeightQuantizer(bits=bits, symmetric=symmetric, per_channel=wq.per_channel,
                           channels=layer.weight.shape[0], estimator=wq.estimator)
     new.to(layer.weight.device)
     new.calibrate_from(layer.weight.detach())

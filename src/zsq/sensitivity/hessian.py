@@ -329,10 +329,11 @@ def hessian_sensitivity(
     values: dict[str, dict[int, float]] = {}
     extras: dict[str, dict[str, Any]] = {}
     negative = []
+    qcfg = getattr(qmodel, "zsq_config", None)
     with torch.no_grad():
         for n, m in targets:
             w = m.weight.detach()
-            errs = {k: float((make_weight_quantizer(m, k)(w) - w).double().pow(2).sum()) for k in bits}
+            errs = {k: float((make_weight_quantizer(m, k, config=qcfg)(w) - w).double().pow(2).sum()) for k in bits}
             ex: dict[str, Any] = {"weight_error": {str(k): e for k, e in errs.items()}}
             if n in stats.traces:
                 ex["trace"] = stats.traces[n]

@@ -185,7 +185,8 @@ def kl_sensitivity(
     targets = target_layers(qmodel)
     names = [n for n, _ in targets]
     infos = layer_infos(qmodel, inputs)
-    quantizers = {(n, k): make_weight_quantizer(m, k) for n, m in targets for k in bits}
+    qcfg = getattr(qmodel, "zsq_config", None)
+    quantizers = {(n, k): make_weight_quantizer(m, k, config=qcfg) for n, m in targets for k in bits}
     sums = torch.zeros(len(names), len(bits), dtype=torch.float64)
     use_suffix = cfg.suffix_cache and isinstance(qmodel, fx.GraphModule)
     runner = GraphRunner(qmodel) if use_suffix else None
