@@ -32,7 +32,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -66,6 +66,20 @@ TARGET_SECONDS = {"cifar_resnet20": 600.0, "efficientnet_lite0": 1800.0}
 
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def calibrated_bases(folded: torch.nn.Module, calib: torch.Tensor, **quant: Any) -> Callable[[bool | None], Any]:
+    """``base_for(weight_symmetric)``: the model quantized with ``QuantConfig(weight_symmetric=..., **quant)`` and
+    calibrated on ``calib``, made on first use, one per weight scheme (PTQ rows and recovery rows may differ)."""
+    bases: dict[bool | None, Any] = {}
+
+    def base_for(symmetric: bool | None) -> Any:
+        if symmetric not in bases:
+            bases[symmetric] = zsq.quantize(folded, QuantConfig(weight_symmetric=symmetric, **quant))
+            zsq.calibrate(bases[symmetric], calib, progress=False)
+        return bases[symmetric]
+
+    return base_for
 
 
 def clone(qmodel: torch.nn.Module) -> torch.nn.Module:
@@ -113,15 +127,8 @@ def run_model(name: str, args: argparse.Namespace, emit) -> None:
         print(f"  seed {seed}: {x.shape[0]} distilled inputs in {distill_s:.1f}s (+{hold.shape[0]} held apart)",
               flush=True)
         for label, w, a in settings:
-            bases: dict[bool | None, Any] = {}
-
-            def base_for(symmetric: bool | None) -> Any:  # one calibrated PTQ model per weight scheme
-                if symmetric not in bases:
-                    qcfg = QuantConfig(wbits=w, abits=a, overrides=FIRST_LAST_8, weight_symmetric=symmetric,
-                                       **({"act_estimator": args.act_estimator} if args.act_estimator else {}))
-                    bases[symmetric] = zsq.quantize(folded, qcfg)
-                    zsq.calibrate(bases[symmetric], x, progress=False)
-                return bases[symmetric]
+            base_for = calibrated_bases(folded, x, wbits=w, abits=a, overrides=FIRST_LAST_8,
+                                        **({"act_estimator": args.act_estimator} if args.act_estimator else {}))
 
             for method in ["ptq", *methods]:
                 # as zsq quantize: symmetric weights for plain PTQ, by bit width (asymmetric below 8) with --recover

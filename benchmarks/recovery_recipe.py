@@ -25,7 +25,7 @@ import torch
 
 import zsq
 from zsq.bias_correction import BIAS_MODES, BiasCorrectionConfig, correct_bias
-from zsq.config import DistillConfig, QuantConfig
+from zsq.config import DistillConfig
 from zsq.data import load_dataset
 from zsq.distill import RetroConfig, retro_synthesize
 from zsq.evaluate import compare
@@ -34,7 +34,7 @@ from zsq.recover import RecoverConfig, method_defaults, recover
 from zsq.metrics import kl_divergence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recovery import FIRST_LAST_8, MODELS, WEIGHT_SCHEMES, clone, distilled  # noqa: E402
+from recovery import FIRST_LAST_8, MODELS, WEIGHT_SCHEMES, calibrated_bases, clone, distilled  # noqa: E402
 
 
 def parse_candidate(text: str) -> tuple[str, dict[str, Any]]:
@@ -186,15 +186,8 @@ def main() -> None:
         overrides["re:^(" + "|".join(re.escape(n) for n in dw) + ")$"] = {"wbits": args.depthwise_bits}
         print(f"{len(dw)} depthwise convs at W{args.depthwise_bits}", flush=True)
     scheme = WEIGHT_SCHEMES["asymmetric" if args.weight_asymmetric else args.weights]
-    bases: dict[bool | None, Any] = {}
-
-    def base_for(symmetric: bool | None) -> Any:  # one calibrated PTQ model per weight scheme
-        if symmetric not in bases:
-            bases[symmetric] = zsq.quantize(folded, QuantConfig(
-                wbits=args.wbits, abits=args.abits, overrides=overrides, weight_estimator=args.weight_estimator,
-                weight_symmetric=symmetric))
-            zsq.calibrate(bases[symmetric], x, progress=False)
-        return bases[symmetric]
+    base_for = calibrated_bases(folded, x, wbits=args.wbits, abits=args.abits, overrides=overrides,
+                                weight_estimator=args.weight_estimator)
 
     eval_ds = (load_dataset(data_path, spec.preprocessing, subset=slice(0, n_eval) if n_eval else None)
                if args.eval else None)

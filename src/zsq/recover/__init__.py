@@ -411,12 +411,10 @@ def recover(
         raise ConfigError(f"config must be a zsq.recover.RecoverConfig, got {type(cfg).__name__}")
     gm = _check_model(qmodel)
     x = _check_inputs(calib_inputs, "calib_inputs")
+    cfg = cfg.resolved(tuple(x.shape[-2:]) if x.dim() == 4 else None)  # (no input size: mirror's default is off)
     if cfg.mirror and x.dim() != 4:
         raise ConfigError(f"RecoverConfig.mirror needs image batches (N, C, H, W) to mirror, got inputs of shape "
                           f"{tuple(x.shape)}; set mirror=False")
-    if cfg.mirror is None and x.dim() != 4:  # the default does not apply to inputs that are not images
-        cfg = dataclasses.replace(cfg, mirror=False)
-    cfg = cfg.resolved(tuple(x.shape[-2:]) if x.dim() == 4 else None)
     if cfg.mirror:
         x = torch.cat([x, x.flip(-1)])
     h = _check_inputs(holdout_inputs, "holdout_inputs") if holdout_inputs is not None else None
