@@ -293,7 +293,25 @@ def test_no_distill_flip_turns_the_mirror_default_off(tmp_path, monkeypatch, ext
     assert seen["cfg"].recover.mirror is mirror
 
 
-@pytest.mark.parametrize("flag", [("--recover-iters", "3"), ("--recover-drop-prob", "0.3"),
+@pytest.mark.parametrize("extra, lr", [([], 1e-2), (["--recover-lr", "0.05"], 0.05)])
+def test_recover_lr_flag(tmp_path, capsys, extra, lr):
+    out = tmp_path / "lr"
+    rc, so, err = cli(capsys, "quantize", "tiny_cnn", "--wbits", "4", "--recover", "brecq", "--recover-iters", "2",
+                      *extra, "--out", out, *FAST)
+    assert rc == 0, err
+    r = report(out)
+    assert r["recover"]["config"]["lr"] == lr and 0.0 <= r["recover"]["undecided"] <= 1.0
+    assert f"{100 * r['recover']['undecided']:.1f}% of the learned roundings undecided at the end" in so
+
+
+def test_recover_lr_must_be_positive(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:  # argparse type check: usage + one error line
+        cli(capsys, "quantize", "tiny_cnn", "--recover", "brecq", "--recover-lr", "0", "--out", tmp_path / "x", *FAST)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--recover-lr" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", [("--recover-iters", "3"), ("--recover-lr", "0.1"), ("--recover-drop-prob", "0.3"),
                                   ("--recover-fisher", "0.5"), ("--recover-mirror",)])
 def test_recover_options_without_recover(tmp_path, capsys, flag):
     rc, _, err = cli(capsys, "quantize", "tiny_cnn", *flag, "--out", tmp_path / "x", *FAST)

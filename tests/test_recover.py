@@ -359,6 +359,23 @@ def test_rounding_stays_within_one_step_of_nearest(recovered, method):
         assert int((codes - wq.integer(w0)).abs().max()) <= 1, name
 
 
+def test_report_counts_undecided_roundings(setup, recovered):
+    """The report says how much of the learned rounding was still soft when the optimisation stopped; a larger
+    learning rate for the rounding variables decides more of them in the same number of steps."""
+    for method in ("adaround", "brecq"):
+        report = recovered[method][1]
+        assert report.undecided is not None and 0.0 <= report.undecided < 1.0
+        assert report.to_dict()["undecided"] == report.undecided and "undecided" in str(report)
+    assert recovered["finetune"][1].undecided is None
+    fp32, qmodel, train, _ = setup
+    got = {}
+    for lr in (1e-3, 1e-1):
+        q = clone(qmodel)
+        got[lr] = recover(q, fp32, train, RecoverConfig(method="brecq", iters=ITERS, batch_size=16, lr=lr),
+                          progress=False).undecided
+    assert got[1e-1] < got[1e-3], got
+
+
 def test_brecq_learns_activation_step_sizes(setup, recovered):
     _, qmodel, _, _ = setup
     q, report, _ = recovered["brecq"]
@@ -529,6 +546,8 @@ def test_config_defaults_and_validation():
     for m in ("adaround", "finetune"):
         assert RecoverConfig(method=m).resolved((224, 224)).iters < RecoverConfig(method=m).resolved((32, 32)).iters
     assert large.iters == method_defaults("brecq", (224, 224))["iters"] == 300  # BRECQ: chosen on real held-apart
+    assert large.lr == 1e-1 and small.lr == 1e-2  # rounding lr: chosen on real held-apart images (session 15)
+    assert RecoverConfig(lr=3e-2).resolved((224, 224)).lr == 3e-2
     assert RecoverConfig(batch_size=8).resolved((224, 224)).batch_size == 8
     # QDrop is on for block reconstruction only, and an explicit value (even 0) wins
     assert RecoverConfig(method="brecq").resolved().drop_prob == 0.5

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .cli_types import MODEL_HELP, nonneg_int as _nonneg_int, pos_int as _pos_int
+from .cli_types import MODEL_HELP, nonneg_int as _nonneg_int, pos_float as _pos_float, pos_int as _pos_int
 from .errors import ConfigError, ZsqError
 
 log = logging.getLogger("zsq")
@@ -193,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps per layer (adaround) / per block (brecq) / in total (finetune); default per method")
     g.add_argument("--recover-batch-size", type=_pos_int, default=None,
                    help="inputs per step (default 32; 16 for inputs larger than 128x128 pixels)")
+    g.add_argument("--recover-lr", type=_pos_float, default=None, metavar="LR",
+                   help="Adam learning rate of the rounding variables (adaround, brecq) or of the weights "
+                        "(finetune); default per method: adaround 3e-2, brecq 1e-2 (1e-1 for inputs larger than "
+                        "128x128 pixels), finetune 1e-4")
     g.add_argument("--recover-drop-prob", type=float, default=None, metavar="P",
                    help="QDrop: probability of leaving an activation unquantized while reconstructing, in [0, 1) "
                         "(default 0.5 for brecq, 0 for adaround/finetune)")
@@ -333,16 +337,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         rcfg = RecoverConfig(method=args.recover, iters=args.recover_iters,
                              **({"batch_size": args.recover_batch_size} if args.recover_batch_size else {}),
-                             drop_prob=args.recover_drop_prob, seed=args.seed, fisher=args.recover_fisher,
+                             lr=args.recover_lr, drop_prob=args.recover_drop_prob, seed=args.seed,
+                             fisher=args.recover_fisher,
                              # a model whose classes are not mirror-symmetric (--no-distill-flip) learns no mirror
                              mirror=False if args.recover_mirror is None and not args.distill_flip
                              else args.recover_mirror,
                              # an explicit --act-estimator is kept through recovery
                              **({"act_estimator": None} if args.act_estimator is not None else {}))
-    elif (args.recover_iters, args.recover_batch_size, args.recover_drop_prob,
-          args.recover_fisher, args.recover_mirror) != (None, None, None, None, None):
-        raise ConfigError("--recover-iters / --recover-batch-size / --recover-drop-prob / --recover-fisher / "
-                          "--recover-mirror need --recover adaround|brecq|finetune")
+    elif (args.recover_iters, args.recover_batch_size, args.recover_lr, args.recover_drop_prob,
+          args.recover_fisher, args.recover_mirror) != (None, None, None, None, None, None):
+        raise ConfigError("--recover-iters / --recover-batch-size / --recover-lr / --recover-drop-prob / "
+                          "--recover-fisher / --recover-mirror need --recover adaround|brecq|finetune")
     cfg = RunConfig(model=args.model, weights=args.weights, quant=qcfg, distill=_distill_config(args), calib=calib,
                     calib_size=args.calib_size, eval=args.eval, eval_split=args.eval_split,
                     eval_limit=args.eval_limit, device=args.device, seed=args.seed, mixed_precision=mp_cfg,
@@ -378,7 +383,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if bc.mode != "off" or bc.requested == "auto":
         print(bc)
     if "recover" in t:
-        print(f"recovery ({args.recover}): {t['recover']:.1f}s")
+        rec = r.get("recover") or {}
+        und = rec.get("undecided")
+        print(f"recovery ({args.recover}): {t['recover']:.1f}s, "
+              f"{100 * rec.get('changed_codes', 0.0):.1f}% of weight codes moved from nearest rounding"
+              + (f", {100 * und:.1f}% of the learned roundings undecided at the end" if und is not None else ""))
     print(f"time: distill {t['distill']:.1f}s  calibrate {t['calibrate']:.1f}s  evaluate {t['evaluate']:.1f}s  "
           f"total {t['total']:.1f}s")
     files = "quantized.safetensors, zsq_config.json, bit_plan.json, report.json, images"

@@ -72,9 +72,12 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 # (BENCHMARKS.md, "BRECQ steps on ImageNet-sized inputs"). Its 64 inputs' mirror images joined them in session
 # 14: real held-apart KL 0.255 -> 0.235, 3 of 3 seeds; ResNet-20 W4A4 went the other way (0.284 -> 0.295 over
 # 5 seeds), so CIFAR-sized inputs keep mirror off (BENCHMARKS.md, "Asymmetric low-bit weights and mirror images").
+# BRECQ's rounding variables learn at 1e-1 since session 15: at 1e-2 Adam moves each V by at most ~2.4 in the
+# 240 regularised steps, so 40-65 % of Lite0's roundings were still undecided at the end; real held-apart KL
+# 0.235 -> 0.161, 3 of 3 seeds (BENCHMARKS.md, "Rounding learning rate").
 _DEFAULTS_LARGE: dict[str, dict[str, Any]] = {
     "adaround": {"iters": 100, "batch_size": 16},
-    "brecq": {"iters": 300, "batch_size": 16, "mirror": True},
+    "brecq": {"iters": 300, "batch_size": 16, "mirror": True, "lr": 1e-1},
     "finetune": {"iters": 200, "batch_size": 16},
 }
 UNFREEZE = ("hawq", "all")
@@ -273,6 +276,9 @@ class RecoverReport:
     ``changed_codes``: fraction of quantized weights whose integer code differs from nearest rounding of
     the original float weights; ``max_code_change``: the largest such difference (1 for adaround/brecq).
     ``holdout_kl_before/after``: mean KL(FP32 || quantized) on the held-apart inputs, when given.
+    ``undecided``: for adaround/brecq, the fraction of rounding variables whose soft value was still
+    between 0 and 1 when the optimisation ended (they are then rounded at 0.5; a large fraction means the
+    learned rounding had not converged); ``None`` for methods without learned rounding.
     """
 
     method: str
@@ -284,6 +290,7 @@ class RecoverReport:
     max_code_change: int = 0
     holdout_kl_before: float | None = None
     holdout_kl_after: float | None = None
+    undecided: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -291,13 +298,15 @@ class RecoverReport:
             "method": self.method, "config": self.config, "seconds": round(self.seconds, 3),
             "num_inputs": self.num_inputs, "changed_codes": self.changed_codes,
             "max_code_change": self.max_code_change, "holdout_kl_before": self.holdout_kl_before,
-            "holdout_kl_after": self.holdout_kl_after, "extra": self.extra,
+            "holdout_kl_after": self.holdout_kl_after, "undecided": self.undecided, "extra": self.extra,
             "units": [u.to_dict() for u in self.units],
         }
 
     def __str__(self) -> str:
         s = (f"{self.method}: {len(self.units)} unit(s)/stage(s) in {self.seconds:.1f}s, "
              f"{100 * self.changed_codes:.1f}% of weight codes differ from nearest rounding")
+        if self.undecided is not None:
+            s += f" ({100 * self.undecided:.1f}% of the learned roundings still undecided at the end)"
         if self.holdout_kl_before is not None and self.holdout_kl_after is not None:
             s += f"; held-apart KL {self.holdout_kl_before:.4g} -> {self.holdout_kl_after:.4g}"
         return s
@@ -474,9 +483,22 @@ def recover(
     report = RecoverReport(method=cfg.method, config=cfg.to_dict(), units=unit_reports,
                            seconds=time.perf_counter() - t_start, num_inputs=int(x.shape[0]),
                            changed_codes=changed / max(total, 1), max_code_change=max_change,
-                           holdout_kl_before=kl_before, holdout_kl_after=kl_after, extra=ctx.extra)
+                           holdout_kl_before=kl_before, holdout_kl_after=kl_after,
+                           undecided=_undecided(unit_reports), extra=ctx.extra)
     log.info("%s", report)
     return report
+
+
+def _undecided(units: list[UnitReport]) -> float | None:
+    """Fraction of all learned rounding variables left undecided (weighted by their number); ``None`` when no
+    unit learned roundings. AdaRound reports per layer (``info["layers"]``), BRECQ per unit."""
+    infos = []
+    for u in units:
+        infos.extend(u.info["layers"].values() if isinstance(u.info.get("layers"), dict) else [u.info])
+    pairs = [(float(i["undecided"]), int(i["rounding_variables"])) for i in infos
+             if "undecided" in i and "rounding_variables" in i]
+    total = sum(n for _, n in pairs)
+    return sum(f * n for f, n in pairs) / total if total else None
 
 
 def _check_float_reference(ctx: RecoverContext) -> None:

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 ZETA = 1.1
 GAMMA = -0.1
+# A rounding variable counts as undecided at the end while its soft value h is still inside
+# (UNDECIDED_LOW, 1 - UNDECIDED_LOW): the hard rounding then differs from what was optimised.
+UNDECIDED_LOW = 0.01
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -247,7 +250,8 @@ def optimize_unit(
     if roundings:
         with torch.no_grad():
             h = torch.cat([r.h().flatten() for r in roundings.values()])
-            info["undecided"] = float(((h > 0.01) & (h < 0.99)).float().mean())
+            info["undecided"] = float(((h > UNDECIDED_LOW) & (h < 1.0 - UNDECIDED_LOW)).float().mean())
+            info["rounding_variables"] = int(h.numel())
     return info
 
 
