@@ -119,6 +119,18 @@ def _distill_config(args: argparse.Namespace):
                          first_bn_weight=args.distill_first_bn_weight)
 
 
+def _recover_lr_help() -> str:
+    """--recover-lr's help, with each method's defaults read from zsq.recover (not repeated here)."""
+    from .recover import METHODS, method_defaults
+
+    parts = []
+    for m in METHODS:
+        small, large = method_defaults(m)["lr"], method_defaults(m, (224, 224))["lr"]  # CIFAR- / ImageNet-sized
+        parts.append(f"{m} {small:g}" + (f" ({large:g} for inputs larger than 128x128 pixels)" if large != small else ""))
+    return ("Adam learning rate of the rounding variables (adaround, brecq) or of the weights (finetune); default "
+            + ", ".join(parts))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import ACT_ESTIMATORS, BIAS_MODES, SYMMETRIC_WEIGHT_MIN_BITS, QuantConfig, WEIGHT_ESTIMATORS
 
@@ -193,10 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps per layer (adaround) / per block (brecq) / in total (finetune); default per method")
     g.add_argument("--recover-batch-size", type=_pos_int, default=None,
                    help="inputs per step (default 32; 16 for inputs larger than 128x128 pixels)")
-    g.add_argument("--recover-lr", type=_pos_float, default=None, metavar="LR",
-                   help="Adam learning rate of the rounding variables (adaround, brecq) or of the weights "
-                        "(finetune); default per method: adaround 3e-2, brecq 1e-2 (1e-1 for inputs larger than "
-                        "128x128 pixels), finetune 1e-4")
+    g.add_argument("--recover-lr", type=_pos_float, default=None, metavar="LR", help=_recover_lr_help())
     g.add_argument("--recover-drop-prob", type=float, default=None, metavar="P",
                    help="QDrop: probability of leaving an activation unquantized while reconstructing, in [0, 1) "
                         "(default 0.5 for brecq, 0 for adaround/finetune)")
@@ -383,11 +392,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if bc.mode != "off" or bc.requested == "auto":
         print(bc)
     if "recover" in t:
-        rec = r.get("recover") or {}
-        und = rec.get("undecided")
+        from .recover import rounding_summary
+
+        rec = r["recover"]
         print(f"recovery ({args.recover}): {t['recover']:.1f}s, "
-              f"{100 * rec.get('changed_codes', 0.0):.1f}% of weight codes moved from nearest rounding"
-              + (f", {100 * und:.1f}% of the learned roundings undecided at the end" if und is not None else ""))
+              f"{rounding_summary(rec['changed_codes'], rec['undecided'])}")
     print(f"time: distill {t['distill']:.1f}s  calibrate {t['calibrate']:.1f}s  evaluate {t['evaluate']:.1f}s  "
           f"total {t['total']:.1f}s")
     files = "quantized.safetensors, zsq_config.json, bit_plan.json, report.json, images"

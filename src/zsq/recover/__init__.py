@@ -304,9 +304,7 @@ class RecoverReport:
 
     def __str__(self) -> str:
         s = (f"{self.method}: {len(self.units)} unit(s)/stage(s) in {self.seconds:.1f}s, "
-             f"{100 * self.changed_codes:.1f}% of weight codes differ from nearest rounding")
-        if self.undecided is not None:
-            s += f" ({100 * self.undecided:.1f}% of the learned roundings still undecided at the end)"
+             f"{rounding_summary(self.changed_codes, self.undecided)}")
         if self.holdout_kl_before is not None and self.holdout_kl_after is not None:
             s += f"; held-apart KL {self.holdout_kl_before:.4g} -> {self.holdout_kl_after:.4g}"
         return s
@@ -487,6 +485,15 @@ def recover(
                            undecided=_undecided(unit_reports), extra=ctx.extra)
     log.info("%s", report)
     return report
+
+
+def rounding_summary(changed_codes: float, undecided: float | None) -> str:
+    """How far recovery moved the codes and, with learned rounding, how much of it had not converged (one
+    phrase for :class:`RecoverReport` and ``zsq quantize``)."""
+    s = f"{100 * changed_codes:.1f}% of weight codes differ from nearest rounding"
+    if undecided is not None:
+        s += f", {100 * undecided:.1f}% of the learned roundings undecided at the end"
+    return s
 
 
 def _undecided(units: list[UnitReport]) -> float | None:
