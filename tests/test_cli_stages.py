@@ -271,11 +271,8 @@ def test_recover_mirror_flag(tmp_path, capsys, method, extra, mirror):
     assert r["recover"]["num_inputs"] == 8 * (2 if mirror else 1)
 
 
-@pytest.mark.parametrize("extra, mirror", [([], None), (["--no-distill-flip"], False),
-                                           (["--no-distill-flip", "--recover-mirror"], True)])
-def test_no_distill_flip_turns_the_mirror_default_off(tmp_path, monkeypatch, extra, mirror):
-    """None leaves the choice to RecoverConfig (on for brecq on ImageNet-sized inputs); a model whose classes are
-    not mirror-symmetric (--no-distill-flip) gets no mirror images unless asked for."""
+def _recover_config(tmp_path, monkeypatch, extra):
+    """The RecoverConfig `zsq quantize tiny_cnn --wbits 4 --recover brecq *extra` hands the pipeline (not run)."""
     import zsq.pipeline
 
     class Stop(Exception):
@@ -290,7 +287,39 @@ def test_no_distill_flip_turns_the_mirror_default_off(tmp_path, monkeypatch, ext
     monkeypatch.setattr(zsq.pipeline, "run", fake_run)
     with pytest.raises(Stop):
         main(["quantize", "tiny_cnn", "--wbits", "4", "--recover", "brecq", *extra, "--out", str(tmp_path / "x")])
-    assert seen["cfg"].recover.mirror is mirror
+    return seen["cfg"].recover
+
+
+@pytest.mark.parametrize("extra, mirror", [([], None), (["--no-distill-flip"], False),
+                                           (["--no-distill-flip", "--recover-mirror"], True)])
+def test_no_distill_flip_turns_the_mirror_default_off(tmp_path, monkeypatch, extra, mirror):
+    """None leaves the choice to RecoverConfig (on for brecq on ImageNet-sized inputs); a model whose classes are
+    not mirror-symmetric (--no-distill-flip) gets no mirror images unless asked for."""
+    assert _recover_config(tmp_path, monkeypatch, extra).mirror is mirror
+
+
+@pytest.mark.parametrize("extra, shifts, pixels", [
+    ([], 0, None),  # off by default
+    (["--recover-shifts", "2"], 2, None), (["--recover-shifts", "1", "--distill-jitter", "3"], 1, 3)])
+def test_recover_shifts_flag(tmp_path, capsys, extra, shifts, pixels):
+    out = tmp_path / "shifts"
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--wbits", "4", "--recover", "brecq", "--recover-iters", "2",
+                     "--distill-batch-size", "8", "--no-recover-mirror", *extra, "--out", out, "--distill-iters", "3",
+                     "-q")
+    assert rc == 0, err
+    r = report(out)
+    assert r["recover"]["config"]["shifts"] == shifts and r["recover"]["config"]["shift_pixels"] == pixels
+    assert r["recover"]["num_inputs"] == 8 * (1 + shifts)
+
+
+@pytest.mark.parametrize("extra, shifts, pixels", [([], None, None), (["--distill-jitter", "0"], None, None),
+                                                   (["--distill-jitter", "0", "--recover-shifts", "2"], 2, None),
+                                                   (["--distill-jitter", "12", "--recover-shifts", "1"], 1, 12)])
+def test_distill_jitter_sets_the_shift_size(tmp_path, monkeypatch, extra, shifts, pixels):
+    """Shifted copies are the views distillation's jitter showed the model: a set --distill-jitter is their size
+    (0 or unset: RecoverConfig's default for the input size)."""
+    rcfg = _recover_config(tmp_path, monkeypatch, extra)
+    assert (rcfg.shifts, rcfg.shift_pixels) == (shifts, pixels)
 
 
 @pytest.mark.parametrize("extra, lr", [([], 1e-2), (["--recover-lr", "0.05"], 0.05)])
@@ -312,7 +341,8 @@ def test_recover_lr_must_be_positive(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag", [("--recover-iters", "3"), ("--recover-lr", "0.1"), ("--recover-drop-prob", "0.3"),
-                                  ("--recover-fisher", "0.5"), ("--recover-mirror",)])
+                                  ("--recover-fisher", "0.5"), ("--recover-mirror",),
+                                  ("--recover-shifts", "1")])
 def test_recover_options_without_recover(tmp_path, capsys, flag):
     rc, _, err = cli(capsys, "quantize", "tiny_cnn", *flag, "--out", tmp_path / "x", *FAST)
     assert rc == 2 and "--recover" in err and "Traceback" not in err

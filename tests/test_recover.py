@@ -16,7 +16,7 @@ from zsq.errors import ConfigError, NotCalibratedError
 from zsq.models import load_model
 from zsq.quant import primitives as P
 from zsq.quant.modules import QUANT_LAYER_TYPES, ActQuantizer
-from zsq.recover import METHODS, RecoverConfig, find_units, method_defaults, recover
+from zsq.recover import METHODS, RecoverConfig, find_units, method_defaults, recover, shifted_views
 from zsq.recover.adaround import (GAMMA, ZETA, LearnedRounding, beta_at, inverse_rectified_sigmoid,
                                   rectified_sigmoid, rounding_regularizer)
 from zsq.recover.blocks import UnitRunner, fisher_weights, float_weights, no_act, reconstruction_loss
@@ -610,3 +610,45 @@ def test_recovery_starts_from_its_recipe_ranges_unless_told_to_keep_them(setup):
             assert r == pytest.approx(ranges[expect][n]), (cfg_est, n)
     with pytest.raises(ConfigError, match="act_estimator"):
         RecoverConfig(act_estimator="median")
+
+
+def test_shifted_views_are_rolls_of_their_source_within_the_limit():
+    x = torch.randn(6, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    assert shifted_views(x, 0, pixels=3) is x
+    v = shifted_views(x, 2, pixels=3, seed=4)
+    assert v.shape == (18, 3, 12, 12) and torch.equal(v[:6], x)
+    for i in range(6, 18):
+        src = x[i % 6]
+        hits = [(dy, dx) for dy in range(-3, 4) for dx in range(-3, 4)
+                if torch.equal(torch.roll(src, shifts=(dy, dx), dims=(-2, -1)), v[i])]
+        assert len(hits) == 1, i
+    assert not torch.equal(v[6:12], v[12:])  # each copy draws its own offsets
+    assert torch.equal(v, shifted_views(x, 2, pixels=3, seed=4))  # seeded
+    assert not torch.equal(v, shifted_views(x, 2, pixels=3, seed=5))
+
+
+def test_shifts_learn_from_the_shifted_inputs(setup):
+    """shifts=k is exactly recovery on the inputs (after their mirror images) and k shifted copies of them."""
+    fp32, qmodel, train, _ = setup
+    kw = dict(method="brecq", iters=10, batch_size=8, seed=3)
+    q1, q2 = clone(qmodel), clone(qmodel)
+    r1 = recover(q1, fp32, train, RecoverConfig(mirror=True, shifts=1, shift_pixels=2, **kw), progress=False)
+    views = shifted_views(torch.cat([train, train.flip(-1)]), 1, pixels=2, seed=3)
+    r2 = recover(q2, fp32, views, RecoverConfig(mirror=False, shifts=0, **kw), progress=False)
+    assert r1.num_inputs == r2.num_inputs == 4 * train.shape[0]
+    assert r1.config["shifts"] == 1 and r1.config["shift_pixels"] == 2
+    s1, s2 = q1.state_dict(), q2.state_dict()
+    for k in s1:
+        assert torch.equal(s1[k], s2[k]), k
+    for bad in (dict(shifts=-1), dict(shifts=1.5), dict(shift_pixels=0)):
+        with pytest.raises(ConfigError, match="shift"):
+            RecoverConfig(**bad)
+
+
+def test_shifts_need_image_batches():
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+    q = zsq.quantize(mlp, QuantConfig(wbits=4, abits=8))
+    zsq.calibrate(q, x, progress=False)
+    with pytest.raises(ConfigError, match="shifts needs image batches"):
+        recover(q, mlp, x, RecoverConfig(method="brecq", iters=2, shifts=1), progress=False)

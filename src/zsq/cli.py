@@ -215,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recover-mirror", action=argparse.BooleanOptionalAction, default=None,
                    help="also learn from the mirror image of every calibration input (default: on for brecq on "
                         "inputs larger than 128x128 pixels, else off; off with --no-distill-flip)")
+    g.add_argument("--recover-shifts", type=_nonneg_int, default=None, metavar="N",
+                   help="also learn from N circularly shifted copies of the calibration inputs (and of their mirror "
+                        "images), each image rolled by its own random offset of up to --distill-jitter pixels "
+                        "(default 0: measured, not better on held-apart real images; docs/recovery.md)")
     _add_distill_args(p)
     from .sensitivity.commands import add_mixed_precision_args
 
@@ -351,12 +355,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                              # a model whose classes are not mirror-symmetric (--no-distill-flip) learns no mirror
                              mirror=False if args.recover_mirror is None and not args.distill_flip
                              else args.recover_mirror,
+                             # the shifts are the views distillation's jitter showed the model
+                             shifts=args.recover_shifts, shift_pixels=args.distill_jitter or None,
                              # an explicit --act-estimator is kept through recovery
                              **({"act_estimator": None} if args.act_estimator is not None else {}))
     elif (args.recover_iters, args.recover_batch_size, args.recover_lr, args.recover_drop_prob,
-          args.recover_fisher, args.recover_mirror) != (None, None, None, None, None, None):
+          args.recover_fisher, args.recover_mirror, args.recover_shifts) != (None,) * 7:
         raise ConfigError("--recover-iters / --recover-batch-size / --recover-lr / --recover-drop-prob / "
-                          "--recover-fisher / --recover-mirror need --recover adaround|brecq|finetune")
+                          "--recover-fisher / --recover-mirror / --recover-shifts need --recover "
+                          "adaround|brecq|finetune")
     cfg = RunConfig(model=args.model, weights=args.weights, quant=qcfg, distill=_distill_config(args), calib=calib,
                     calib_size=args.calib_size, eval=args.eval, eval_split=args.eval_split,
                     eval_limit=args.eval_limit, device=args.device, seed=args.seed, mixed_precision=mp_cfg,
