@@ -359,8 +359,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                              shifts=args.recover_shifts, shift_pixels=args.distill_jitter or None,
                              # an explicit --act-estimator is kept through recovery
                              **({"act_estimator": None} if args.act_estimator is not None else {}))
-    elif (args.recover_iters, args.recover_batch_size, args.recover_lr, args.recover_drop_prob,
-          args.recover_fisher, args.recover_mirror, args.recover_shifts) != (None,) * 7:
+    elif any(v is not None for v in (args.recover_iters, args.recover_batch_size, args.recover_lr,
+                                     args.recover_drop_prob, args.recover_fisher, args.recover_mirror,
+                                     args.recover_shifts)):
         raise ConfigError("--recover-iters / --recover-batch-size / --recover-lr / --recover-drop-prob / "
                           "--recover-fisher / --recover-mirror / --recover-shifts need --recover "
                           "adaround|brecq|finetune")

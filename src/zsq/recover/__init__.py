@@ -432,17 +432,7 @@ def recover(
     gm = _check_model(qmodel)
     x = _check_inputs(calib_inputs, "calib_inputs")
     cfg = cfg.resolved(tuple(x.shape[-2:]) if x.dim() == 4 else None)  # (no input size: mirror's default is off)
-    if cfg.mirror and x.dim() != 4:
-        raise ConfigError(f"RecoverConfig.mirror needs image batches (N, C, H, W) to mirror, got inputs of shape "
-                          f"{tuple(x.shape)}; set mirror=False")
-    if cfg.shifts and x.dim() != 4:
-        raise ConfigError(f"RecoverConfig.shifts needs image batches (N, C, H, W) to shift, got inputs of shape "
-                          f"{tuple(x.shape)}; set shifts=0")
-    if cfg.mirror:
-        x = torch.cat([x, x.flip(-1)])
-    if cfg.shifts:
-        x = shifted_views(x, cfg.shifts, pixels=cfg.shift_pixels if cfg.shift_pixels is not None
-                          else default_jitter(tuple(x.shape[-2:])), seed=cfg.seed)
+    x = _with_views(x, cfg)
     h = _check_inputs(holdout_inputs, "holdout_inputs") if holdout_inputs is not None else None
     if device is None:
         p = next(gm.parameters(), None)
@@ -504,6 +494,21 @@ def recover(
                            undecided=_undecided(unit_reports), extra=ctx.extra)
     log.info("%s", report)
     return report
+
+
+def _with_views(x: torch.Tensor, cfg: RecoverConfig) -> torch.Tensor:
+    """The inputs recovery learns from: ``x``, then its mirror images (``cfg.mirror``), then ``cfg.shifts``
+    shifted copies of all of those. Both views need image batches (N, C, H, W)."""
+    for name, verb, off in (("mirror", "mirror", "False"), ("shifts", "shift", "0")):
+        if getattr(cfg, name) and x.dim() != 4:
+            raise ConfigError(f"RecoverConfig.{name} needs image batches (N, C, H, W) to {verb}, got inputs of "
+                              f"shape {tuple(x.shape)}; set {name}={off}")
+    if cfg.mirror:
+        x = torch.cat([x, x.flip(-1)])
+    if cfg.shifts:
+        pixels = cfg.shift_pixels if cfg.shift_pixels is not None else default_jitter(tuple(x.shape[-2:]))
+        x = shifted_views(x, cfg.shifts, pixels=pixels, seed=cfg.seed)
+    return x
 
 
 def shifted_views(x: torch.Tensor, copies: int, *, pixels: int, seed: int = 0) -> torch.Tensor:
