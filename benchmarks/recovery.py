@@ -68,15 +68,17 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def calibrated_bases(folded: torch.nn.Module, calib: torch.Tensor, **quant: Any) -> Callable[[bool | None], Any]:
+def calibrated_bases(folded: torch.nn.Module, calib: torch.Tensor, *, device: str | torch.device = "cpu",
+                     **quant: Any) -> Callable[[bool | None], Any]:
     """``base_for(weight_symmetric)``: the model quantized with ``QuantConfig(weight_symmetric=..., **quant)`` and
-    calibrated on ``calib``, made on first use, one per weight scheme (PTQ rows and recovery rows may differ)."""
+    calibrated on ``calib`` (on ``device``), made on first use, one per weight scheme (PTQ rows and recovery rows
+    may differ)."""
     bases: dict[bool | None, Any] = {}
 
     def base_for(symmetric: bool | None) -> Any:
         if symmetric not in bases:
             bases[symmetric] = zsq.quantize(folded, QuantConfig(weight_symmetric=symmetric, **quant))
-            zsq.calibrate(bases[symmetric], calib, progress=False)
+            zsq.calibrate(bases[symmetric], calib, progress=False, device=device)
         return bases[symmetric]
 
     return base_for
@@ -94,10 +96,10 @@ def family(name: str) -> str:
 
 
 def distilled(model: torch.nn.Module, spec: Any, *, seed: int, batches: int, iters: int,
-              **extra: Any) -> tuple[torch.Tensor, float]:
+              device: str | torch.device = "cpu", **extra: Any) -> tuple[torch.Tensor, float]:
     t = time.perf_counter()
     cfg = DistillConfig(num_batches=batches, iterations=iters, seed=seed, **extra)
-    x = zsq.distill(model, spec.preprocessing, cfg, progress=False).inputs
+    x = zsq.distill(model, spec.preprocessing, cfg, progress=False, device=device).inputs
     return x, time.perf_counter() - t
 
 

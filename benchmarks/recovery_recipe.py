@@ -55,7 +55,10 @@ def parse_candidate(text: str) -> tuple[str, dict[str, Any]]:
 
 @torch.no_grad()
 def holdout_kl(fp32: torch.nn.Module, q: torch.nn.Module, hold: torch.Tensor) -> float:
-    """Mean KL(softmax(FP32) || softmax(quantized)) over the held-apart inputs."""
+    """Mean KL(softmax(FP32) || softmax(quantized)) over the held-apart inputs (on the quantized model's device)."""
+    dev = next(q.parameters()).device
+    fp32.to(dev)
+    hold = hold.to(dev)
     return float(kl_divergence(fp32(hold), q(hold)).mean())
 
 
@@ -77,6 +80,9 @@ def main() -> None:
                     help="weight bits of the depthwise convs (default: --wbits), e.g. 8 for EfficientNet")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu",
+                    help="cpu (default) or cuda[:N]: distil, calibrate, recover and evaluate there (TF32 off, so that "
+                         "convolutions and matrix products stay FP32 as on the CPU)")
     ap.add_argument("--eval", action="store_true", help="also print top-1 on the evaluation images (record only)")
     ap.add_argument("--bias-correction", default="off", choices=BIAS_MODES,
                     help="also score each candidate after zsq's bias correction (default off: the rows as measured "
@@ -122,6 +128,12 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA GPU is available here; use --device cpu")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     weights, data_path = MODELS[args.model]
     model, spec = load_model(args.model, weights=weights)
     model.eval()
@@ -136,7 +148,7 @@ def main() -> None:
             extra = {} if args.retro_class_weight is None else {"class_weight": args.retro_class_weight}
             rcfg = RetroConfig(num_images=n_in, seed=args.seed, iterations=args.distill_iters,
                                flip=args.distill_flip, jitter=args.distill_jitter, tv_weight=args.retro_tv, **extra)
-            res = retro_synthesize(model, spec.preprocessing, rcfg, progress=False)
+            res = retro_synthesize(model, spec.preprocessing, rcfg, progress=False, device=dev)
             x, ds = res.inputs, time.perf_counter() - t
             print(f"retro: {res.target_accuracy:.1f} % of the inputs classified as their target", flush=True)
         else:
@@ -144,12 +156,12 @@ def main() -> None:
                               flip=args.distill_flip, jitter=args.distill_jitter,
                               coarse_iterations=args.distill_coarse_iters, batch_size=args.distill_batch_size,
                               coarse_levels=args.distill_coarse_levels,
-                              first_bn_weight=args.distill_first_bn_weight)
+                              first_bn_weight=args.distill_first_bn_weight, device=dev)
         if args.holdout_cache:
             hold = torch.load(args.holdout_cache, weights_only=True)["h"]
         else:
             hold, _ = distilled(model, spec, seed=1000 + args.seed, batches=args.holdout_batches,
-                                iters=DistillConfig().iterations)
+                                iters=DistillConfig().iterations, device=dev)
         if cache is not None:
             torch.save({"x": x, "h": hold}, cache)
     print(f"{x.shape[0]} distilled inputs ({ds:.0f}s), {hold.shape[0]} held apart", flush=True)
@@ -177,6 +189,7 @@ def main() -> None:
         x = torch.cat([x, x.flip(-1)])
         print(f"with their mirror images: {x.shape[0]} calibration inputs", flush=True)
     folded, _ = zsq.fold_batchnorm(model)
+    folded.to(dev)
     overrides: dict[str, Any] = dict(FIRST_LAST_8)
     if args.depthwise_bits is not None:
         dw = [n for n, m in folded.named_modules()
@@ -187,7 +200,7 @@ def main() -> None:
         print(f"{len(dw)} depthwise convs at W{args.depthwise_bits}", flush=True)
     scheme = WEIGHT_SCHEMES["asymmetric" if args.weight_asymmetric else args.weights]
     base_for = calibrated_bases(folded, x, wbits=args.wbits, abits=args.abits, overrides=overrides,
-                                weight_estimator=args.weight_estimator)
+                                weight_estimator=args.weight_estimator, device=dev)
 
     eval_ds = (load_dataset(data_path, spec.preprocessing, subset=slice(0, n_eval) if n_eval else None)
                if args.eval else None)
@@ -202,7 +215,7 @@ def main() -> None:
             row = {"candidate": text, "holdout_kl_before": kl, "holdout_kl_after": kl, "seconds": 0.0}
         else:
             rep = recover(q, model, x, RecoverConfig(method=method, seed=args.seed, **kw), progress=False,
-                          holdout_inputs=hold)
+                          holdout_inputs=hold, device=dev)
             row = {"candidate": text, "holdout_kl_before": rep.holdout_kl_before,
                    "holdout_kl_after": rep.holdout_kl_after, "seconds": time.perf_counter() - t}
         row["weight_symmetric"] = symmetric
@@ -212,7 +225,7 @@ def main() -> None:
         if real_hold is not None:  # a criterion that sees real images without evaluating on them
             row["real_holdout_kl"] = holdout_kl(model, q, real_hold)
         if eval_ds is not None:
-            row["top1_record_only"] = compare(model, q, eval_ds, progress=False)["quantized"]["top1"]
+            row["top1_record_only"] = compare(model, q, eval_ds, progress=False, device=dev)["quantized"]["top1"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     best = min(rows, key=lambda r: r.get("holdout_kl_bias_corrected", r["holdout_kl_after"]))

@@ -218,6 +218,22 @@ def test_recover_runs_and_exports(tmp_path, capsys, method):
     assert r["export"]["int8"]["ort"]["float_convs"] == 0
 
 
+@pytest.mark.parametrize("recover, extra, n_inputs", [
+    (True, [], 256),  # the amount the recovery recipe was chosen with (CIFAR-sized inputs), 32 batches of 8
+    (True, ["--distill-batches", "2"], 16),  # an explicit amount is kept
+    (False, [], 8),  # plain calibration: one batch
+])
+def test_recover_distils_the_recipe_amount_unless_batches_are_given(tmp_path, capsys, recover, extra, n_inputs):
+    out = tmp_path / "amount"
+    rec = ["--recover", "adaround", "--recover-iters", "2"] if recover else []
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--wbits", "4", *rec, *extra, "--out", out, *FAST)
+    assert rc == 0, err
+    r = report(out)
+    assert r["calibration"]["num_inputs"] == n_inputs
+    assert r["settings"]["distill"]["num_batches"] == n_inputs // 8  # report.json records what was distilled
+    assert r["settings"]["recover_distill_default"] is False  # resolved: settings.distill is what ran
+
+
 @pytest.mark.parametrize("explicit", [None, "mse", "minmax"])
 def test_recover_starts_from_percentile_unless_an_estimator_is_given(tmp_path, capsys, explicit):
     out = tmp_path / f"start-{explicit}"
@@ -264,7 +280,8 @@ def test_weight_symmetric_and_asymmetric_exclude_each_other(tmp_path, capsys):
 def test_recover_mirror_flag(tmp_path, capsys, method, extra, mirror):
     out = tmp_path / "mirror"
     rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--wbits", "4", "--recover", method, "--recover-iters", "2",
-                     "--distill-batch-size", "8", *extra, "--out", out, "--distill-iters", "3", "-q")
+                     "--distill-batch-size", "8", "--distill-batches", "1", *extra, "--out", out, "--distill-iters", "3",
+                     "-q")
     assert rc == 0, err
     r = report(out)
     assert r["recover"]["config"]["mirror"] is mirror
@@ -304,8 +321,8 @@ def test_no_distill_flip_turns_the_mirror_default_off(tmp_path, monkeypatch, ext
 def test_recover_shifts_flag(tmp_path, capsys, extra, shifts, pixels):
     out = tmp_path / "shifts"
     rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--wbits", "4", "--recover", "brecq", "--recover-iters", "2",
-                     "--distill-batch-size", "8", "--no-recover-mirror", *extra, "--out", out, "--distill-iters", "3",
-                     "-q")
+                     "--distill-batch-size", "8", "--distill-batches", "1", "--no-recover-mirror", *extra, "--out", out,
+                     "--distill-iters", "3", "-q")
     assert rc == 0, err
     r = report(out)
     assert r["recover"]["config"]["shifts"] == shifts and r["recover"]["config"]["shift_pixels"] == pixels

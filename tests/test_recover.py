@@ -652,3 +652,18 @@ def test_shifts_need_image_batches():
     zsq.calibrate(q, x, progress=False)
     with pytest.raises(ConfigError, match="shifts needs image batches"):
         recover(q, mlp, x, RecoverConfig(method="brecq", iters=2, shifts=1), progress=False)
+
+
+def test_full_fp32_turns_tf32_off_and_restores_it_after_an_exception():
+    from zsq.state import full_fp32
+
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            with full_fp32():
+                assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+                raise RuntimeError("boom")
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

@@ -72,11 +72,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _add_distill_args(p: argparse.ArgumentParser) -> None:
     from .config import (DEFAULT_COARSE_ITERS_LARGE, DEFAULT_DISTILL_ITERS, DEFAULT_DISTILL_ITERS_LARGE,
-                         DEFAULT_FIRST_BN_WEIGHT_LARGE, DEFAULT_JITTER_FRACTION, DistillConfig)
+                         DEFAULT_FIRST_BN_WEIGHT_LARGE, DEFAULT_JITTER_FRACTION, RECOVER_DISTILL_INPUTS,
+                         RECOVER_DISTILL_INPUTS_LARGE, DistillConfig)
 
     d = DistillConfig()
     g = p.add_argument_group("distilled data (ZeroQ)")
-    g.add_argument("--distill-batches", type=_pos_int, default=d.num_batches, help=f"batches (default {d.num_batches})")
+    g.add_argument("--distill-batches", type=_pos_int, default=None,
+                   help=f"batches (default {d.num_batches}; with --recover, which learns from them: "
+                        f"{RECOVER_DISTILL_INPUTS} inputs for inputs up to 128x128 pixels, "
+                        f"{RECOVER_DISTILL_INPUTS_LARGE} for larger)")
     g.add_argument("--distill-batch-size", type=_pos_int, default=None,
                    help="images per batch (default 32 for inputs up to 128x128 pixels, 16 for larger)")
     g.add_argument("--distill-iters", type=_pos_int, default=d.iterations, metavar="N",
@@ -111,9 +115,10 @@ def _add_distill_args(p: argparse.ArgumentParser) -> None:
 def _distill_config(args: argparse.Namespace):
     from .config import DistillConfig
 
-    return DistillConfig(num_batches=args.distill_batches, batch_size=args.distill_batch_size,
-                         iterations=args.distill_iters, lr=args.distill_lr, schedule=args.distill_schedule,
-                         input_weight=args.distill_input_weight, seed=args.seed, flip=args.distill_flip,
+    batches = args.distill_batches if args.distill_batches is not None else DistillConfig().num_batches
+    return DistillConfig(num_batches=batches, batch_size=args.distill_batch_size, iterations=args.distill_iters,
+                         lr=args.distill_lr, schedule=args.distill_schedule, input_weight=args.distill_input_weight,
+                         seed=args.seed, flip=args.distill_flip,
                          jitter=args.distill_jitter, coarse_iterations=args.distill_coarse_iters,
                          coarse_factor=args.distill_coarse_factor, coarse_levels=args.distill_coarse_levels,
                          first_bn_weight=args.distill_first_bn_weight)
@@ -370,7 +375,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                     eval_limit=args.eval_limit, device=args.device, seed=args.seed, mixed_precision=mp_cfg,
                     bit_plan=bit_plan, export=args.export, export_weight_type=args.export_weight_type,
                     hybrid=hybrid, hybrid_threshold=args.hybrid_threshold, hybrid_tolerance=args.hybrid_tolerance,
-                    recover=rcfg, bias_correction=args.bias_correction)
+                    recover=rcfg, bias_correction=args.bias_correction,
+                    recover_distill_default=rcfg is not None and args.distill_batches is None)
     safe = re.sub(r"[^0-9A-Za-z_.-]", "_", args.model)
     wtag = "mp" + str(mp_cfg.target_size or mp_cfg.bops).replace(" ", "") if mp_cfg else f"w{args.wbits}"
     out = Path(args.out or f"runs/{safe}-{wtag}a{args.abits}")

@@ -163,6 +163,20 @@ def default_distill_batch(input_size: tuple[int, int]) -> int:
     return DEFAULT_DISTILL_BATCH_LARGE if is_large_input(input_size) else DEFAULT_DISTILL_BATCH
 
 
+# How many distilled inputs low-bit recovery (zsq.recover) learns from when `zsq quantize --recover` is not given
+# --distill-batches: the amounts its recipes were chosen and measured with (docs/recovery.md; BENCHMARKS.md,
+# "Low-bit recovery"): 256 CIFAR-sized inputs (8 batches of 32), 64 ImageNet-sized ones (4 of 16, bounded by
+# synthesis time on a CPU).
+RECOVER_DISTILL_INPUTS = 256
+RECOVER_DISTILL_INPUTS_LARGE = 64
+
+
+def recover_distill_batches(input_size: tuple[int, int], batch_size: int) -> int:
+    """Distillation batches of ``batch_size`` that give recovery its default amount of inputs for ``input_size``."""
+    n = RECOVER_DISTILL_INPUTS_LARGE if is_large_input(input_size) else RECOVER_DISTILL_INPUTS
+    return max(1, -(-n // batch_size))
+
+
 # Default random shift of the synthesis views (DistillConfig.jitter / RetroConfig.jitter = None): DeepInversion's
 # 30 pixels at 224x224 (Yin et al., 2020), scaled with the shorter input side (4 pixels at 32x32). Chosen on
 # held-apart real images that are never evaluated (BENCHMARKS.md, "Synthesis views").

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .config import BIAS_MODES, DistillConfig, QuantConfig
+from .config import BIAS_MODES, DistillConfig, QuantConfig, recover_distill_batches
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,9 @@ class RunConfig:
     hybrid_threshold: float | None = None  # None: chosen on the calibration data
     hybrid_tolerance: float | None = None  # None: zsq.hybrid's default
     bias_correction: str = "auto"  # zsq.bias_correction mode: auto | weight | output | off
+    # with ``recover``: distil as many inputs as the recovery recipes were chosen with (config.RECOVER_DISTILL_INPUTS*)
+    # instead of distill.num_batches; what `zsq quantize --recover` does when --distill-batches is not given
+    recover_distill_default: bool = False
 
     def __post_init__(self) -> None:
         if not self.hybrid and (self.hybrid_threshold is not None or self.hybrid_tolerance is not None):
@@ -93,33 +96,45 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
+def distill_config_for_run(cfg: RunConfig, input_size: tuple[int, int]) -> DistillConfig:
+    """``cfg.distill`` with the run's seed; with ``cfg.recover`` and ``cfg.recover_distill_default``, as many batches
+    as recovery's default amount of inputs for this input size (:func:`zsq.config.recover_distill_batches`)."""
+    dcfg = dataclasses.replace(cfg.distill, seed=cfg.seed)
+    if cfg.recover is not None and cfg.recover_distill_default:
+        bsz = dcfg.resolved_batch_size(input_size)
+        batches = recover_distill_batches(input_size, bsz)
+        if batches != dcfg.num_batches:
+            log.info("--recover learns from the calibration inputs: distilling %d inputs (%d batches of %d), the "
+                     "amount its recipe was chosen with; --distill-batches N to change", batches * bsz, batches, bsz)
+            dcfg = dataclasses.replace(dcfg, num_batches=batches)
+    return dcfg
+
+
 def calibration_inputs(model: nn.Module, spec: Any, cfg: RunConfig, *, progress: bool) -> tuple[torch.Tensor, dict]:
     """The calibration inputs for ``cfg.calib`` and a small info dict for the report."""
     from .distill import distill, gaussian_inputs
 
     from .proxy import mix_with_distilled, proxy_inputs, split_calib
 
-    n_default = cfg.distill.num_batches * cfg.distill.resolved_batch_size(spec.preprocessing.input_size)
+    dcfg = distill_config_for_run(cfg, spec.preprocessing.input_size)
+    n_default = dcfg.num_batches * dcfg.resolved_batch_size(spec.preprocessing.input_size)
     proxy = split_calib(cfg.calib)
     if proxy is not None:  # ZeroP: the candidate closest to the model's BN statistics
         mode, spec_text = proxy
         x, info = proxy_inputs(model, spec.preprocessing, spec_text, num_images=cfg.calib_size or n_default,
                                seed=cfg.seed, device=cfg.device, progress=progress)
         if mode == "proxy+distilled":
-            res = distill(model, spec.preprocessing, dataclasses.replace(cfg.distill, seed=cfg.seed),
-                          device=cfg.device, progress=progress)
+            res = distill(model, spec.preprocessing, dcfg, device=cfg.device, progress=progress)
             x = mix_with_distilled(x, res.inputs, seed=cfg.seed)
             info = {**info, "source": "proxy+distilled", "distill": res.to_dict(), "num_inputs": int(x.shape[0])}
         return x, info
     if cfg.calib == "distilled":
-        res = distill(model, spec.preprocessing, dataclasses.replace(cfg.distill, seed=cfg.seed),
-                      device=cfg.device, progress=progress)
+        res = distill(model, spec.preprocessing, dcfg, device=cfg.device, progress=progress)
         return res.inputs, {"source": "distilled", **res.to_dict()}
     if cfg.calib == "retro":  # Retro-Synthesis: class-conditional, also for models without BN
         from .distill import RetroConfig, retro_synthesize
 
-        rcfg = RetroConfig.from_distill(dataclasses.replace(cfg.distill, seed=cfg.seed),
-                                        num_images=cfg.calib_size or n_default)
+        rcfg = RetroConfig.from_distill(dcfg, num_images=cfg.calib_size or n_default)
         rres = retro_synthesize(model, spec.preprocessing, rcfg, device=cfg.device, progress=progress)
         return rres.inputs, {"source": "retro", **rres.to_dict(), "retro_config": rcfg.to_dict()}
     if cfg.calib == "gaussian":
@@ -158,6 +173,9 @@ def run(cfg: RunConfig, *, out_dir: str | Path | None = None, progress: bool = T
 
     model, spec = load_model(cfg.model, weights=cfg.weights)
     model.eval()
+    if cfg.recover is not None and cfg.recover_distill_default:  # report.json records what is distilled
+        cfg = dataclasses.replace(cfg, distill=distill_config_for_run(cfg, spec.preprocessing.input_size),
+                                  recover_distill_default=False)
 
     eval_ds = None
     if cfg.eval:  # validate the eval set before spending minutes on distillation

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+import torch
 import torch.nn as nn
 
 
@@ -35,3 +36,18 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, t in modes.items():
             m.training = t
+
+
+@contextlib.contextmanager
+def full_fp32() -> Iterator[None]:
+    """Float32 convolutions and matrix products in full precision for the duration: on GPUs that default to
+    TF32 (10-bit mantissa) for them, an exactness check would otherwise see errors of ~1e-3 that are not the
+    model's. The previous flags are restored afterwards; on a CPU this changes nothing."""
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = cudnn
+        torch.backends.cuda.matmul.allow_tf32 = matmul

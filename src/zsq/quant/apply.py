@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -189,6 +190,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
         float_mod = mod
         if isinstance(mod, QUANT_LAYER_TYPES):
             raise ConfigError(f"layer {plan.name!r} is already quantized; quantize the float model instead")
+        wq.to(float_mod.weight.device)  # the quantizer's buffers live with the weights (a model on a GPU too)
         new = QUANT_MODULE_FOR[type(float_mod)].from_float(float_mod, wq)
         new.train(float_mod.training)
         _set_submodule(gm, plan.name, new)
@@ -218,9 +220,11 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
     # 3. Insert one ActQuantizer after each point, in graph order; rewire all consumers.
     report = QuantReport(layers=plans)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    first = next(gm.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
     for n in sorted(points, key=order.__getitem__):
         qname = f"{ACT_PREFIX}_{_sanitize(n.name)}"
-        aq = ActQuantizer(bits=points[n], symmetric=config.act_symmetric, name=qname)
+        aq = ActQuantizer(bits=points[n], symmetric=config.act_symmetric, name=qname).to(device)
         gm.add_submodule(qname, aq)
         with gm.graph.inserting_after(n):
             qnode = gm.graph.call_module(qname, args=(n,))

@@ -131,9 +131,9 @@ def mse_weight_range(
         lo, hi = lo.reshape(1), hi.reshape(1)
     else:
         flat = w.transpose(0, axis).reshape(w.shape[axis], -1)
-    ratios = torch.linspace(min_ratio, 1.0, grid, dtype=flat.dtype)
-    best_err = torch.full((flat.shape[0],), float("inf"))
-    best_ratio = torch.ones(flat.shape[0])
+    ratios = torch.linspace(min_ratio, 1.0, grid, dtype=flat.dtype, device=flat.device)
+    best_err = torch.full((flat.shape[0],), float("inf"), device=flat.device)
+    best_ratio = torch.ones(flat.shape[0], device=flat.device)
     for r in ratios:
         s, z = scale_zero_point(lo * r, hi * r, bits=bits, symmetric=symmetric)
         xq = fake_quantize(flat, s, z, qmin, qmax, axis=0)

@@ -40,7 +40,7 @@ from ..errors import ConfigError, NotCalibratedError
 from ..quant import primitives as P
 from ..quant.modules import QUANT_LAYER_TYPES, ActQuantizer
 from ..metrics import kl_divergence
-from ..state import frozen_eval
+from ..state import frozen_eval, full_fp32
 from .blocks import SequentialResult, Unit, UnitRunner, find_units, float_weights, no_act
 
 log = logging.getLogger(__name__)
@@ -553,7 +553,7 @@ def _check_float_reference(ctx: RecoverContext) -> None:
     if ctx.fp32_model is None:
         return
     x = ctx.inputs[: min(8, ctx.inputs.shape[0])]
-    with torch.no_grad():
+    with torch.no_grad(), full_fp32():  # (TF32 on a GPU would differ by ~1e-3 by itself)
         ref = _logits(ctx.fp32_model(x)).double()
         runner = UnitRunner.whole_model(ctx.qmodel)
         got = runner(x, weight_fn=float_weights(ctx.float_weights), act_fn=no_act).double()
