@@ -345,3 +345,14 @@ def test_layer_patterns_checked_before_distillation(quant, no_distill):
     not after a distillation that takes minutes on a real model."""
     with pytest.raises(ScopeError, match="nothing_here"):
         run(fast_config(quant=quant), out_dir=None, progress=False)
+
+
+@pytest.mark.parametrize("calib_size, expected", [(None, 256), (20, 20)])
+def test_recover_default_amount_also_sizes_gaussian_calibration(calib_size, expected):
+    from zsq.recover import RecoverConfig
+
+    cfg = fast_config(calib="gaussian", calib_size=calib_size, quant=QuantConfig(wbits=4, abits=8),
+                      recover=RecoverConfig(method="adaround", iters=1), recover_distill_default=True)
+    r = run(cfg, out_dir=None, progress=False).report
+    assert r["calibration"] == {"source": "gaussian", "num_inputs": expected}
+    assert r["settings"]["distill"]["num_batches"] * 8 == 256  # FAST_DISTILL's batch of 8, resolved in the report
