@@ -190,7 +190,6 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
         float_mod = mod
         if isinstance(mod, QUANT_LAYER_TYPES):
             raise ConfigError(f"layer {plan.name!r} is already quantized; quantize the float model instead")
-        wq.to(float_mod.weight.device)  # the quantizer's buffers live with the weights (a model on a GPU too)
         new = QUANT_MODULE_FOR[type(float_mod)].from_float(float_mod, wq)
         new.train(float_mod.training)
         _set_submodule(gm, plan.name, new)

@@ -126,6 +126,8 @@ class _QuantWeightMixin:
     weight_quantizer: WeightQuantizer | None
 
     def _init_quant(self, wq: WeightQuantizer | None) -> None:
+        if wq is not None:
+            wq.to(self.weight.device)  # the quantizer's buffers live with the weights (a model on a GPU too)
         self.weight_quantizer = wq
 
     def quantized_weight(self) -> torch.Tensor:
