@@ -30,8 +30,10 @@ from zsq.data import load_dataset
 from zsq.distill import RetroConfig, retro_synthesize
 from zsq.evaluate import compare
 from zsq.models import load_model
+from zsq.pipeline import check_device
 from zsq.recover import RecoverConfig, method_defaults, recover
 from zsq.metrics import kl_divergence
+from zsq.state import full_fp32
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recovery import FIRST_LAST_8, MODELS, WEIGHT_SCHEMES, calibrated_bases, clone, distilled  # noqa: E402
@@ -127,13 +129,13 @@ def main() -> None:
                          "distilling them again (only the held-apart distilled KL uses them)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    with full_fp32():  # on a GPU too, FP32 convolutions and matrix products as on the CPU
+        measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    dev = torch.device(args.device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: no CUDA GPU is available here; use --device cpu")
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+    dev = check_device(args.device)
     weights, data_path = MODELS[args.model]
     model, spec = load_model(args.model, weights=weights)
     model.eval()

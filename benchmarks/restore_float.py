@@ -27,8 +27,10 @@ from zsq.config import DistillConfig, QuantConfig
 from zsq.data import load_dataset
 from zsq.metrics import kl_divergence
 from zsq.models import load_model
+from zsq.pipeline import check_device
 from zsq.quant import ActQuantizer
 from zsq.recover import RecoverConfig, recover
+from zsq.state import full_fp32
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recovery import FIRST_LAST_8, MODELS  # noqa: E402
@@ -45,9 +47,12 @@ def main() -> None:
     ap.add_argument("--recover-iters", type=int, default=40)
     ap.add_argument("--out", default=None, help="write the rows here (JSON lines)")
     args = ap.parse_args()
-    dev = torch.device(args.device)
-    if dev.type == "cuda":
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    with full_fp32():  # on a GPU too, FP32 convolutions and matrix products as on the CPU
+        probe(args)
+
+
+def probe(args: argparse.Namespace) -> None:
+    dev = check_device(args.device)
     _, data_path = MODELS["efficientnet_lite0"]
     if not data_path.exists():
         raise SystemExit(f"{data_path} not found: this probe needs the ImageNet sample of ../shared")
