@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 import zsq
 from zsq.data import load_dataset
@@ -46,6 +45,7 @@ from zsq.recover import RecoverConfig, recover
 from zsq.recover.adaround import is_learnable
 from zsq.recover.blocks import UnitRunner
 from zsq.recover.brecq import learnable_steps
+from zsq.recover.finetune import distillation_kl
 from zsq.state import full_fp32
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -126,10 +126,7 @@ def tune(q: torch.nn.Module, teacher: torch.Tensor, teacher_model: torch.nn.Modu
                 xb = augment(xb, aug, gen)
                 with torch.no_grad():
                     tb = teacher_model(xb)
-            z = whole(xb, weight_fn=weight_fn, act_fn=act_fn)
-            tt = temperature
-            loss = F.kl_div(F.log_softmax(z / tt, 1), F.log_softmax(tb / tt, 1), reduction="batchmean",
-                            log_target=True) * tt * tt
+            loss = distillation_kl(whole(xb, weight_fn=weight_fn, act_fn=act_fn), tb, temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
