@@ -80,6 +80,11 @@ def main() -> None:
     ap.add_argument("--weight-asymmetric", action="store_true", help="the same as --weights asymmetric")
     ap.add_argument("--depthwise-bits", type=int, default=None,
                     help="weight bits of the depthwise convs (default: --wbits), e.g. 8 for EfficientNet")
+    ap.add_argument("--depthwise-estimator", choices=("minmax", "mse"), default=None,
+                    help="weight range of the depthwise convs only (default: --weight-estimator)")
+    ap.add_argument("--pointwise-bits", type=int, default=None,
+                    help="weight bits of the 1x1 convs other than the first/last layer (default: --wbits); with "
+                         "--depthwise-bits, tells which kind of layer the 4-bit error comes from (a diagnostic)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu",
@@ -193,13 +198,22 @@ def measure(args: argparse.Namespace) -> None:
     folded, _ = zsq.fold_batchnorm(model)
     folded.to(dev)
     overrides: dict[str, Any] = dict(FIRST_LAST_8)
-    if args.depthwise_bits is not None:
+    dw_override = {k: v for k, v in (("wbits", args.depthwise_bits), ("weight_estimator", args.depthwise_estimator))
+                   if v is not None}
+    if dw_override:
         dw = [n for n, m in folded.named_modules()
               if isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels]
         if not dw:
-            raise SystemExit(f"--depthwise-bits: {args.model} has no depthwise convolution")
-        overrides["re:^(" + "|".join(re.escape(n) for n in dw) + ")$"] = {"wbits": args.depthwise_bits}
-        print(f"{len(dw)} depthwise convs at W{args.depthwise_bits}", flush=True)
+            raise SystemExit(f"--depthwise-bits/--depthwise-estimator: {args.model} has no depthwise convolution")
+        overrides["re:^(" + "|".join(re.escape(n) for n in dw) + ")$"] = dw_override
+        print(f"{len(dw)} depthwise convs with {dw_override}", flush=True)
+    if args.pointwise_bits is not None:
+        pw = [n for n, m in folded.named_modules()
+              if isinstance(m, torch.nn.Conv2d) and m.groups == 1 and m.kernel_size == (1, 1)]
+        if not pw:
+            raise SystemExit(f"--pointwise-bits: {args.model} has no 1x1 convolution")
+        overrides["re:^(" + "|".join(re.escape(n) for n in pw) + ")$"] = {"wbits": args.pointwise_bits}
+        print(f"{len(pw)} pointwise convs at W{args.pointwise_bits}", flush=True)
     scheme = WEIGHT_SCHEMES["asymmetric" if args.weight_asymmetric else args.weights]
     base_for = calibrated_bases(folded, x, wbits=args.wbits, abits=args.abits, overrides=overrides,
                                 weight_estimator=args.weight_estimator, device=dev)
@@ -219,7 +233,13 @@ def measure(args: argparse.Namespace) -> None:
             rep = recover(q, model, x, RecoverConfig(method=method, seed=args.seed, **kw), progress=False,
                           holdout_inputs=hold, device=dev)
             row = {"candidate": text, "holdout_kl_before": rep.holdout_kl_before,
-                   "holdout_kl_after": rep.holdout_kl_after, "seconds": time.perf_counter() - t}
+                   "holdout_kl_after": rep.holdout_kl_after, "seconds": time.perf_counter() - t,
+                   # per unit: MSE on the learning inputs and on the held-apart ones, before -> after
+                   "units": {u.name: [u.loss_before, u.loss_after, u.holdout_before, u.holdout_after]
+                             for u in rep.units}}
+            reverted = [u.name for u in rep.units if u.info.get("reverted")]
+            if reverted:
+                row["reverted_units"] = reverted
         row["weight_symmetric"] = symmetric
         if args.bias_correction != "off":  # as zsq quantize: after recovery, on the final weights
             bias = correct_bias(q, folded, x, config=BiasCorrectionConfig(mode=args.bias_correction))

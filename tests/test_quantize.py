@@ -520,6 +520,24 @@ def test_mse_weight_estimator_not_worse_than_minmax(branch):
         assert err_e <= err_m * (1 + 1e-5)
 
 
+def test_weight_estimator_per_layer_override(branch):
+    """An override's weight_estimator applies to the layers it matches only (e.g. MSE ranges for depthwise
+    convs), is reported in the plan, and is validated."""
+    qm = quantize(branch, QuantConfig(wbits=3))
+    qe = quantize(branch, QuantConfig(wbits=3, overrides={"conv_a": {"weight_estimator": "mse"}}))
+    qall = quantize(branch, QuantConfig(wbits=3, weight_estimator="mse"))
+    for name in BRANCH_LAYERS:
+        same = torch.equal(getattr(qe, name).weight_quantizer.scale, getattr(qm, name).weight_quantizer.scale)
+        assert same == (name != "conv_a"), name
+    assert torch.equal(qe.conv_a.weight_quantizer.scale, qall.conv_a.weight_quantizer.scale)
+    assert {p.name: p.weight_estimator for p in qe.zsq_report.layers} == {
+        n: ("mse" if n == "conv_a" else "minmax") for n in BRANCH_LAYERS}
+    back = QuantConfig.from_dict(QuantConfig(overrides={"conv_a": {"weight_estimator": "mse"}}).to_dict())
+    assert back.overrides["conv_a"].weight_estimator == "mse"
+    with pytest.raises(ConfigError, match="weight_estimator"):
+        QuantConfig(overrides={"conv_a": {"weight_estimator": "median"}})
+
+
 def test_weight_change_in_place_updates_output(branch, branch_inputs):
     """The cached fake-quantized weight must follow in-place changes of the weight."""
     q = quantize(branch)

@@ -16,7 +16,8 @@ from zsq.errors import ConfigError, NotCalibratedError
 from zsq.models import load_model
 from zsq.quant import primitives as P
 from zsq.quant.modules import QUANT_LAYER_TYPES, ActQuantizer
-from zsq.recover import METHODS, RecoverConfig, find_units, method_defaults, recover, shifted_views
+from zsq.recover import (METHODS, RecoverConfig, find_units, method_defaults, recover, shifted_views,
+                         zoomed_views)
 from zsq.recover.adaround import (GAMMA, ZETA, LearnedRounding, beta_at, inverse_rectified_sigmoid,
                                   rectified_sigmoid, rounding_regularizer)
 from zsq.recover.blocks import UnitRunner, fisher_weights, float_weights, no_act, reconstruction_loss
@@ -645,13 +646,14 @@ def test_shifts_learn_from_the_shifted_inputs(setup):
             RecoverConfig(**bad)
 
 
-def test_shifts_need_image_batches():
+@pytest.mark.parametrize("view", ["shifts", "crops"])
+def test_views_need_image_batches(view):
     mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
     x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
     q = zsq.quantize(mlp, QuantConfig(wbits=4, abits=8))
     zsq.calibrate(q, x, progress=False)
-    with pytest.raises(ConfigError, match="shifts needs image batches"):
-        recover(q, mlp, x, RecoverConfig(method="brecq", iters=2, shifts=1), progress=False)
+    with pytest.raises(ConfigError, match=f"{view} needs image batches"):
+        recover(q, mlp, x, RecoverConfig(method="brecq", iters=2, **{view: 1}), progress=False)
 
 
 def test_full_fp32_turns_tf32_off_and_restores_it_after_an_exception():
@@ -667,3 +669,134 @@ def test_full_fp32_turns_tf32_off_and_restores_it_after_an_exception():
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_input_drop_mixes_float_and_quantized_block_inputs(setup):
+    """QDrop's input mixing: each element of a step's unit input comes from the float model's input with
+    probability input_drop, from the quantized model's otherwise; input_drop 0 never touches x_float."""
+    from zsq.recover.adaround import LearnedRounding, optimize_unit
+
+    fp32, qmodel, train, _ = setup
+    q = clone(qmodel)
+    unit = find_units(q)[1]
+    runner = UnitRunner.for_unit(q, unit)
+    seen: list[torch.Tensor] = []
+
+    class Spy:
+        def __call__(self, x, **kw):
+            seen.append(x.detach().clone())
+            return runner(x, **kw)
+
+    (xq,) = UnitRunner.whole_model(q).batched(train, batch_size=64, capture=[runner.input])
+    target = runner.batched(xq, batch_size=64)
+    zeros, ones = torch.zeros_like(xq), torch.ones_like(xq)
+    layer = q.get_submodule(unit.layers[0])
+    for p, lo, hi in ((0.5, 0.4, 0.6), (0.9, 0.85, 0.95), (0.0, 0.0, 0.0)):
+        seen.clear()
+        cfg = RecoverConfig(method="brecq", iters=6, batch_size=8, input_drop=p, drop_prob=0.0).resolved()
+        optimize_unit(Spy(), zeros, target, roundings={"l": LearnedRounding(layer)}, steps={}, config=cfg,
+                      generator=torch.Generator().manual_seed(0), desc="t", progress=False, x_float=ones)
+        frac = float(torch.cat([s.flatten() for s in seen]).mean())
+        assert lo <= frac <= hi, (p, frac)
+    with pytest.raises(zsq.errors.ZsqError, match="float model's input"):
+        cfg = RecoverConfig(method="brecq", iters=2, batch_size=8, input_drop=0.5).resolved()
+        optimize_unit(runner, xq, target, roundings={"l": LearnedRounding(layer)}, steps={}, config=cfg,
+                      generator=torch.Generator().manual_seed(0), desc="t", progress=False)
+
+
+def test_brecq_with_input_drop(setup):
+    """input_drop changes what brecq learns, deterministically under a seed, and still lowers the held-apart
+    error of every unit; it is brecq's alone and validated."""
+    fp32, qmodel, train, holdout = setup
+    runs, reports = [], []
+    for d in (0.5, 0.5, 0.0):
+        q = clone(qmodel)
+        reports.append(recover(q, fp32, train, RecoverConfig(method="brecq", iters=20, batch_size=16, input_drop=d,
+                                                             seed=4), progress=False, holdout_inputs=holdout))
+        runs.append(q.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert any(not torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+    assert reports[0].config["input_drop"] == 0.5
+    assert reports[0].holdout_kl_after < reports[0].holdout_kl_before
+    for bad in (dict(input_drop=1.0), dict(input_drop=-0.1), dict(input_drop=True),
+                dict(method="adaround", input_drop=0.5), dict(method="finetune", input_drop=0.5)):
+        with pytest.raises(ConfigError):
+            RecoverConfig(**bad)
+
+
+def test_zoomed_views_are_crops_of_their_source_resized_back():
+    x = torch.rand(5, 3, 20, 24, generator=torch.Generator().manual_seed(0))
+    assert zoomed_views(x, 0) is x
+    v = zoomed_views(x, 2, min_area=0.3, seed=7)
+    assert v.shape == (15, 3, 20, 24) and torch.equal(v[:5], x)
+    for i in range(5, 15):
+        src = x[i % 5]
+        # bilinear resizing of a crop mixes the source's own pixels: every value stays within its range
+        assert float(v[i].min()) >= float(src.min()) - 1e-6 and float(v[i].max()) <= float(src.max()) + 1e-6
+        assert not torch.equal(v[i], src)  # a zoom, not the image itself
+    assert not torch.equal(v[5:10], v[10:])  # each copy draws its own crops
+    assert torch.equal(v, zoomed_views(x, 2, min_area=0.3, seed=7))  # seeded
+    assert not torch.equal(v, zoomed_views(x, 2, min_area=0.3, seed=8))
+    # a crop of a constant region is that constant: zooms keep what they see, at full size
+    flat = torch.zeros(1, 1, 16, 16)
+    flat[..., :, :] = 3.0
+    assert torch.allclose(zoomed_views(flat, 3, min_area=0.25, seed=1), torch.full((4, 1, 16, 16), 3.0))
+
+
+def test_crops_learn_from_the_zoomed_inputs(setup):
+    """crops=k is exactly recovery on the inputs and k zoomed copies of them; validated; images only."""
+    fp32, qmodel, train, _ = setup
+    kw = dict(method="brecq", iters=10, batch_size=8, seed=3)
+    q1, q2 = clone(qmodel), clone(qmodel)
+    r1 = recover(q1, fp32, train, RecoverConfig(crops=2, crop_min_area=0.5, **kw), progress=False)
+    r2 = recover(q2, fp32, zoomed_views(train, 2, min_area=0.5, seed=3), RecoverConfig(crops=0, **kw),
+                 progress=False)
+    assert r1.num_inputs == r2.num_inputs == 3 * train.shape[0]
+    assert r1.config["crops"] == 2 and r1.config["crop_min_area"] == 0.5
+    s1, s2 = q1.state_dict(), q2.state_dict()
+    for k in s1:
+        assert torch.equal(s1[k], s2[k]), k
+    for bad in (dict(crops=-1), dict(crops=1.5), dict(crop_min_area=0.0), dict(crop_min_area=1.5),
+                dict(crop_min_area=True)):
+        with pytest.raises(ConfigError, match="crop"):
+            RecoverConfig(**bad)
+
+
+def test_revert_worse_puts_back_a_block_that_got_worse(setup, monkeypatch):
+    """A block whose learning-input error rose during reconstruction is restored exactly (weights, weight and
+    activation quantizers); without revert_worse it stays as trained. Sabotaged rounding makes every block
+    worse, so with revert_worse the model ends as it started."""
+    from zsq.recover.adaround import LearnedRounding as LR
+
+    fp32, qmodel, train, holdout = setup
+    original = LR.bake
+
+    def sabotaged(self):
+        codes = original(self)
+        with torch.no_grad():
+            self.layer.weight.mul_(-1.0)  # far worse than any rounding
+        return codes
+
+    monkeypatch.setattr(LR, "bake", sabotaged)
+    kw = dict(method="brecq", iters=3, batch_size=8, seed=0)
+    start = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    kept, reverted = clone(qmodel), clone(qmodel)
+    r_kept = recover(kept, fp32, train, RecoverConfig(revert_worse=False, **kw), progress=False)
+    r_rev = recover(reverted, fp32, train, RecoverConfig(revert_worse=True, **kw), progress=False)
+    assert r_kept.units[0].loss_after > 10 * r_kept.units[0].loss_before
+    assert all("reverted" not in u.info for u in r_kept.units)
+    assert all(u.info["reverted"] is True and u.loss_after == pytest.approx(u.loss_before) for u in r_rev.units)
+    s_rev, s_kept = reverted.state_dict(), kept.state_dict()
+    for k in start:
+        assert torch.equal(s_rev[k], start[k]), k
+    assert any(not torch.equal(s_kept[k], start[k]) for k in start)
+    monkeypatch.setattr(LR, "bake", original)
+    # an honest run keeps the blocks that improved
+    q = clone(qmodel)
+    report = recover(q, fp32, train, RecoverConfig(revert_worse=True, **{**kw, "iters": 20}), progress=False)
+    assert any(u.info["reverted"] is False for u in report.units)
+    for u in report.units:
+        assert u.loss_after <= u.loss_before * (1 + 1e-6)
+    for bad in (dict(revert_worse="yes"), dict(method="adaround", revert_worse=True)):
+        with pytest.raises(ConfigError, match="revert_worse"):
+            RecoverConfig(**bad)

@@ -32,17 +32,18 @@ def _bits(s: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-OVERRIDE_RE = re.compile(r"^(?:(float)|(?:w(\d))?(?:a(\d))?(?:,?(pc|pt))?(?:,?(nu|uni))?)$")
+OVERRIDE_RE = re.compile(r"^(?:(float)|(?:w(\d))?(?:a(\d))?(?:,?(pc|pt))?(?:,?(nu|uni))?(?:,?(mse|minmax))?)$")
 
 
 def parse_override(text: str) -> tuple[str, dict[str, Any] | None]:
-    """``PATTERN=SPEC`` with SPEC ``w8a8``, ``w8``, ``a6``, ``w4,pt``, ``w4,nu`` (non-uniform weights), or ``float``."""
+    """``PATTERN=SPEC`` with SPEC ``w8a8``, ``w8``, ``a6``, ``w4,pt``, ``w4,nu`` (non-uniform weights), ``w4,mse``
+    (the layers' weight range estimator), or ``float``."""
     if "=" not in text:
         raise ConfigError(f"--override {text!r}: expected PATTERN=SPEC, e.g. '@first=w8a8', 're:.*fc=w8', 'conv1=float'")
     pattern, spec = text.rsplit("=", 1)
     m = OVERRIDE_RE.match(spec.strip())
     if not pattern or not m or not any(m.groups()):
-        raise ConfigError(f"--override {text!r}: SPEC must look like w8a8, w4, a6, w4a8,pt, w4,nu or float")
+        raise ConfigError(f"--override {text!r}: SPEC must look like w8a8, w4, a6, w4a8,pt, w4,nu, w4,mse or float")
     if m.group(1):
         return pattern, None
     ov: dict[str, Any] = {}
@@ -54,6 +55,8 @@ def parse_override(text: str) -> tuple[str, dict[str, Any] | None]:
         ov["weight_granularity"] = "per_channel" if m.group(4) == "pc" else "per_tensor"
     if m.group(5):
         ov["weight_quantizer"] = "nonuniform" if m.group(5) == "nu" else "uniform"
+    if m.group(6):
+        ov["weight_estimator"] = m.group(6)
     return pattern, ov
 
 
@@ -182,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "chosen from)")
     p.add_argument("--act-percentile", type=float, default=qd.act_percentile, help=f"for --act-estimator percentile (default {qd.act_percentile})")
     p.add_argument("--override", action="append", default=[], metavar="PATTERN=SPEC",
-                   help="per-layer setting, e.g. '@first=w8a8', '@last=w8', 're:.*depthwise.*=w8', 'conv1=float' (repeatable)")
+                   help="per-layer setting, e.g. '@first=w8a8', '@last=w8', 're:.*depthwise.*=w8', 'conv1=float'; "
+                        "also ',pt'/',pc' granularity, ',nu' codebook weights, ',mse'/',minmax' weight range (repeatable)")
     p.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="keep matching layers in float (repeatable; must match)")
     p.add_argument("--calib", default="distilled", metavar="SOURCE",
                    help="calibration data: distilled (default), retro (Retro-Synthesis: class-conditional, works "
@@ -214,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recover-drop-prob", type=float, default=None, metavar="P",
                    help="QDrop: probability of leaving an activation unquantized while reconstructing, in [0, 1) "
                         "(default 0.5 for brecq, 0 for adaround/finetune)")
+    g.add_argument("--recover-input-drop", type=float, default=None, metavar="P",
+                   help="brecq: QDrop's input mixing, the probability that an element of a block's input comes from "
+                        "the float model instead of the quantized model while reconstructing, in [0, 1) "
+                        "(default: see docs/recovery.md)")
     g.add_argument("--recover-fisher", type=float, default=None, metavar="MIX",
                    help="brecq: weigh each block's output error by the float model's Fisher information, mixed "
                         "with the plain squared error as (1 - MIX) + MIX * Fisher, MIX in [0, 1] (default 0: plain)")
@@ -224,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also learn from N circularly shifted copies of the calibration inputs (and of their mirror "
                         "images), each image rolled by its own random offset of up to --distill-jitter pixels "
                         "(default 0: measured, not better on held-apart real images; docs/recovery.md)")
+    g.add_argument("--recover-crops", type=_nonneg_int, default=None, metavar="N",
+                   help="also learn from N zoomed copies of the calibration inputs (and of their mirror images and "
+                        "shifted copies): random crops of at least a quarter of each image, resized back "
+                        "(default: see docs/recovery.md)")
+    g.add_argument("--recover-revert-worse", action=argparse.BooleanOptionalAction, default=None,
+                   help="brecq: put a block back as it was when reconstruction raised its error on the learning "
+                        "inputs (default: see docs/recovery.md)")
     _add_distill_args(p)
     from .sensitivity.commands import add_mixed_precision_args
 
@@ -356,20 +371,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         rcfg = RecoverConfig(method=args.recover, iters=args.recover_iters,
                              **({"batch_size": args.recover_batch_size} if args.recover_batch_size else {}),
                              lr=args.recover_lr, drop_prob=args.recover_drop_prob, seed=args.seed,
-                             fisher=args.recover_fisher,
+                             fisher=args.recover_fisher, input_drop=args.recover_input_drop,
                              # a model whose classes are not mirror-symmetric (--no-distill-flip) learns no mirror
                              mirror=False if args.recover_mirror is None and not args.distill_flip
                              else args.recover_mirror,
                              # the shifts are the views distillation's jitter showed the model
                              shifts=args.recover_shifts, shift_pixels=args.distill_jitter or None,
+                             crops=args.recover_crops, revert_worse=args.recover_revert_worse,
                              # an explicit --act-estimator is kept through recovery
                              **({"act_estimator": None} if args.act_estimator is not None else {}))
     elif any(v is not None for v in (args.recover_iters, args.recover_batch_size, args.recover_lr,
                                      args.recover_drop_prob, args.recover_fisher, args.recover_mirror,
-                                     args.recover_shifts)):
+                                     args.recover_shifts, args.recover_input_drop, args.recover_crops,
+                                     args.recover_revert_worse)):
         raise ConfigError("--recover-iters / --recover-batch-size / --recover-lr / --recover-drop-prob / "
-                          "--recover-fisher / --recover-mirror / --recover-shifts need --recover "
-                          "adaround|brecq|finetune")
+                          "--recover-input-drop / --recover-fisher / --recover-mirror / --recover-shifts / "
+                          "--recover-crops / --recover-revert-worse need --recover adaround|brecq|finetune")
     cfg = RunConfig(model=args.model, weights=args.weights, quant=qcfg, distill=_distill_config(args), calib=calib,
                     calib_size=args.calib_size, eval=args.eval, eval_split=args.eval_split,
                     eval_limit=args.eval_limit, device=args.device, seed=args.seed, mixed_precision=mp_cfg,

@@ -58,10 +58,13 @@ class LayerOverride(_JsonMixin):
     abits: int | None = None
     weight_granularity: str | None = None
     weight_quantizer: str | None = None
+    weight_estimator: str | None = None
 
     def __post_init__(self) -> None:
         if self.weight_quantizer is not None:
             _check_choice(self.weight_quantizer, WEIGHT_QUANTIZERS, "override weight_quantizer")
+        if self.weight_estimator is not None:
+            _check_choice(self.weight_estimator, WEIGHT_ESTIMATORS, "override weight_estimator")
         if self.wbits is not None:
             check_bits(self.wbits, "override wbits")
         if self.abits is not None:

@@ -47,6 +47,7 @@ class LayerPlan:
     out_channels: int
     weight_quantizer: str = "uniform"  # "uniform" or "nonuniform" (codebook, zsq.quant.nonuniform)
     weight_symmetric: bool | None = None  # None: kept in float (QuantConfig.weight_symmetric_for of its bits)
+    weight_estimator: str = "minmax"  # how the weight range is found (QuantConfig.weight_estimator or an override)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -110,7 +111,7 @@ def resolve_layer_plans(gm: fx.GraphModule, config: QuantConfig) -> list[LayerPl
     plans = []
     for (node, mod), name in zip(nodes, names):
         w, a, g = config.wbits, config.abits, config.weight_granularity
-        wkind = config.weight_quantizer
+        wkind, west = config.weight_quantizer, config.weight_estimator
         floated = any(matches(p, name, names) for p in config.skip)
         for pattern, ov in config.overrides.items():
             if not matches(pattern, name, names):
@@ -123,11 +124,12 @@ def resolve_layer_plans(gm: fx.GraphModule, config: QuantConfig) -> list[LayerPl
             a = ov.abits if ov.abits is not None else a
             g = ov.weight_granularity if ov.weight_granularity is not None else g
             wkind = ov.weight_quantizer if ov.weight_quantizer is not None else wkind
+            west = ov.weight_estimator if ov.weight_estimator is not None else west
         kind = type(mod).__name__.replace("Quant", "")
         out_ch = mod.weight.shape[0]
         plans.append(LayerPlan(name, kind, None if floated else w, None if floated else a, g,
                                mod.weight.numel(), out_ch, wkind,
-                               None if floated else config.weight_symmetric_for(w)))
+                               None if floated else config.weight_symmetric_for(w), west))
     return plans
 
 
@@ -179,13 +181,13 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
             wq = NonUniformWeightQuantizer(
                 bits=plan.wbits, symmetric=bool(plan.weight_symmetric),
                 per_channel=plan.weight_granularity == "per_channel", channels=plan.out_channels,
-                estimator=config.weight_estimator,
+                estimator=plan.weight_estimator,
             )
         else:
             wq = WeightQuantizer(
                 bits=plan.wbits, symmetric=bool(plan.weight_symmetric),
                 per_channel=plan.weight_granularity == "per_channel", channels=plan.out_channels,
-                estimator=config.weight_estimator,
+                estimator=plan.weight_estimator,
             )
         float_mod = mod
         if isinstance(mod, QUANT_LAYER_TYPES):

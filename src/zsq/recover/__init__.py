@@ -46,7 +46,7 @@ from .blocks import SequentialResult, Unit, UnitRunner, find_units, float_weight
 log = logging.getLogger(__name__)
 
 __all__ = ["METHODS", "RecoverConfig", "RecoverReport", "UnitReport", "recover", "register_method", "find_units",
-           "method_defaults"]
+           "method_defaults", "shifted_views", "zoomed_views"]
 
 # method -> "module:function"; the function takes a RecoverContext and returns a list of UnitReport.
 _METHODS: dict[str, str] = {
@@ -60,12 +60,14 @@ METHODS = tuple(_METHODS)
 # (brecq), in total (finetune). Chosen on held-apart distilled data (docs/recovery.md).
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "adaround": {"iters": 200, "batch_size": 32, "lr": 3e-2, "act_lr": 1e-2, "learn_act_scale": False,
-                 "drop_prob": 0.0, "learn_weight_scale": False, "learn_bias": False, "mirror": False, "shifts": 0},
+                 "drop_prob": 0.0, "learn_weight_scale": False, "learn_bias": False, "mirror": False, "shifts": 0,
+                 "input_drop": 0.0, "crops": 0, "revert_worse": False},
     "brecq": {"iters": 300, "batch_size": 32, "lr": 1e-2, "act_lr": 1e-2, "learn_act_scale": True,
               "drop_prob": 0.5, "learn_weight_scale": False, "learn_bias": False, "fisher": 0.0, "mirror": False,
-              "shifts": 0},
+              "shifts": 0, "input_drop": 0.0, "crops": 0, "revert_worse": False},
     "finetune": {"iters": 600, "batch_size": 32, "lr": 1e-4, "act_lr": 1e-2, "learn_act_scale": True,
-                 "drop_prob": 0.0, "learn_weight_scale": False, "learn_bias": False, "mirror": False, "shifts": 0},
+                 "drop_prob": 0.0, "learn_weight_scale": False, "learn_bias": False, "mirror": False, "shifts": 0,
+                 "input_drop": 0.0, "crops": 0, "revert_worse": False},
 }
 # For ImageNet-sized inputs (above LARGE_INPUT_PIXELS) one step costs ~50x a CIFAR step: smaller batches (and,
 # for adaround / finetune, fewer steps) keep EfficientNet-Lite0 within ~30 minutes on 2 CPU cores. BRECQ got
@@ -158,6 +160,16 @@ class RecoverConfig(_JsonMixin):
     jitter showed the model; for image batches only. Default 0: on EfficientNet-Lite0 W4A8 one copy lowered
     the held-apart *distilled* KL on 3 of 3 seeds but the real one on 2 of 3, with lower top-1
     (docs/recovery.md, "Shifted copies and a stronger rounding regulariser").
+    ``crops``: also learn from this many zoomed copies of the calibration inputs (after their mirror images and
+    shifted copies): every image a random crop of at least ``crop_min_area`` of its area, resized back to full
+    size (:func:`zoomed_views`); for image batches only.
+    ``revert_worse`` (brecq): put a block back as it was before its reconstruction when its error on the
+    learning inputs ended higher than it started.
+    ``input_drop`` (brecq): QDrop's mixing of a block's input (Wei et al., 2022): at every step each element of
+    the block's input comes from the float model's input to the block with this probability, and from the
+    quantized model's own input otherwise, so that a block learns roundings that work between the two instead
+    of undoing the exact errors that the blocks before it make on the calibration inputs (0: always the
+    quantized model's input, zsq's recipe before session 20).
     """
 
     method: str = "brecq"
@@ -186,6 +198,10 @@ class RecoverConfig(_JsonMixin):
     mirror: bool | None = None
     shifts: int | None = None
     shift_pixels: int | None = None
+    input_drop: float | None = None
+    crops: int | None = None
+    crop_min_area: float = 0.25
+    revert_worse: bool | None = None
 
     def __post_init__(self) -> None:
         if self.act_estimator is not None and self.act_estimator not in ACT_ESTIMATORS:
@@ -214,6 +230,13 @@ class RecoverConfig(_JsonMixin):
                                            or not isinstance(self.drop_prob, (int, float))
                                            or not 0.0 <= float(self.drop_prob) < 1.0):
             raise ConfigError(f"RecoverConfig.drop_prob must be in [0, 1), got {self.drop_prob!r}")
+        if self.input_drop is not None:
+            if (isinstance(self.input_drop, bool) or not isinstance(self.input_drop, (int, float))
+                    or not 0.0 <= float(self.input_drop) < 1.0):
+                raise ConfigError(f"RecoverConfig.input_drop must be in [0, 1), got {self.input_drop!r}")
+            if self.input_drop and self.method != "brecq":
+                raise ConfigError(f"input_drop (QDrop's mixing of float and quantized block inputs) is implemented "
+                                  f"for method='brecq', got method={self.method!r}")
         if self.learn_weight_scale and self.method == "finetune":
             raise ConfigError("finetune trains the weights themselves (their scales stay fixed); "
                               "learn_weight_scale is for method='adaround' or 'brecq'")
@@ -239,6 +262,15 @@ class RecoverConfig(_JsonMixin):
             _pos_int(self.shifts, "shifts", allow_zero=True)
         if self.shift_pixels is not None:
             _pos_int(self.shift_pixels, "shift_pixels")
+        if self.revert_worse is not None and not isinstance(self.revert_worse, bool):
+            raise ConfigError(f"RecoverConfig.revert_worse must be True, False or None, got {self.revert_worse!r}")
+        if self.revert_worse and self.method != "brecq":
+            raise ConfigError(f"revert_worse is implemented for method='brecq', got method={self.method!r}")
+        if self.crops is not None:
+            _pos_int(self.crops, "crops", allow_zero=True)
+        if (isinstance(self.crop_min_area, bool) or not isinstance(self.crop_min_area, (int, float))
+                or not 0.0 < float(self.crop_min_area) <= 1.0):
+            raise ConfigError(f"RecoverConfig.crop_min_area must be a fraction in (0, 1], got {self.crop_min_area!r}")
         if self.unfreeze not in UNFREEZE:
             raise ConfigError(f"RecoverConfig.unfreeze={self.unfreeze!r} is not one of {', '.join(UNFREEZE)}")
         if self.learn_act_scale and self.method == "adaround":
@@ -498,8 +530,9 @@ def recover(
 
 def _with_views(x: torch.Tensor, cfg: RecoverConfig) -> torch.Tensor:
     """The inputs recovery learns from: ``x``, then its mirror images (``cfg.mirror``), then ``cfg.shifts``
-    shifted copies of all of those. Both views need image batches (N, C, H, W)."""
-    for name, verb, off in (("mirror", "mirror", "False"), ("shifts", "shift", "0")):
+    shifted copies of all of those, then ``cfg.crops`` zoomed crops of all of those. The views need image
+    batches (N, C, H, W)."""
+    for name, verb, off in (("mirror", "mirror", "False"), ("shifts", "shift", "0"), ("crops", "crop", "0")):
         if getattr(cfg, name) and x.dim() != 4:
             raise ConfigError(f"RecoverConfig.{name} needs image batches (N, C, H, W) to {verb}, got inputs of "
                               f"shape {tuple(x.shape)}; set {name}={off}")
@@ -508,7 +541,41 @@ def _with_views(x: torch.Tensor, cfg: RecoverConfig) -> torch.Tensor:
     if cfg.shifts:
         pixels = cfg.shift_pixels if cfg.shift_pixels is not None else default_jitter(tuple(x.shape[-2:]))
         x = shifted_views(x, cfg.shifts, pixels=pixels, seed=cfg.seed)
+    if cfg.crops:
+        x = zoomed_views(x, cfg.crops, min_area=cfg.crop_min_area, seed=cfg.seed)
     return x
+
+
+def zoomed_views(x: torch.Tensor, copies: int, *, min_area: float = 0.25, seed: int = 0) -> torch.Tensor:
+    """``x`` followed by ``copies`` zoomed copies of it: every image of every copy is a random crop of its own,
+    covering a fraction of the image's area drawn uniformly from ``[min_area, 1]`` with an aspect ratio drawn
+    log-uniformly from [3/4, 4/3] (the random-resized-crop views ImageNet classifiers are trained on, whose
+    BatchNorm statistics therefore describe them), resized back to the full size (bilinear); drawn from
+    ``seed``. Unlike shifts, a zoom changes what the later, coarser layers see, not only where."""
+    if copies == 0:
+        return x
+    import math
+
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(seed)
+    n, _, hgt, wid = x.shape
+    views = [x]
+    for _ in range(copies):
+        area = min_area + (1.0 - min_area) * torch.rand(n, generator=gen)
+        log_r = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand(n, generator=gen)
+        pos = torch.rand(n, 2, generator=gen)
+        out = []
+        for i in range(n):
+            r = math.exp(float(log_r[i]))
+            ch = max(1, min(hgt, round(math.sqrt(float(area[i]) / r) * hgt)))
+            cw = max(1, min(wid, round(math.sqrt(float(area[i]) * r) * wid)))
+            top = int(float(pos[i, 0]) * (hgt - ch + 1))
+            left = int(float(pos[i, 1]) * (wid - cw + 1))
+            crop = x[i:i + 1, :, top:top + ch, left:left + cw]
+            out.append(F.interpolate(crop, size=(hgt, wid), mode="bilinear", align_corners=False))
+        views.append(torch.cat(out))
+    return torch.cat(views)
 
 
 def shifted_views(x: torch.Tensor, copies: int, *, pixels: int, seed: int = 0) -> torch.Tensor:

@@ -179,6 +179,7 @@ def optimize_unit(
     progress: bool,
     biases: Sequence[torch.Tensor] = (),
     weight: torch.Tensor | None = None,
+    x_float: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Minimise reconstruction error + rounding regulariser over ``roundings`` (and LSQ ``steps``).
 
@@ -188,7 +189,11 @@ def optimize_unit(
     own bias parameters, trained in place: the caller makes them trainable) Adam at ``config.bias_lr``
     (all three with a cosine decay). ``weight`` (shaped like ``target``) weighs each element's squared error.
     With ``config.drop_prob > 0`` each activation quantizer of the unit passes each element through
-    unquantized with that probability (QDrop, Wei et al. 2022). Nothing is written into the model.
+    unquantized with that probability (QDrop, Wei et al. 2022). With ``x_float`` (the float model's input to
+    the unit, shaped like ``x``) and ``config.input_drop > 0``, each element of a mini-batch's input is taken
+    from ``x_float`` instead of ``x`` with that probability (QDrop's mixing of the block input: the unit then
+    learns to work on inputs between the quantized and the float model's, rather than to undo the exact
+    errors of the units before it on the calibration inputs). Nothing is written into the model.
     """
     iters = int(config.iters)
     groups = []
@@ -208,6 +213,10 @@ def optimize_unit(
     n = x.shape[0]
     bsz = min(config.batch_size, n)
     drop = float(config.drop_prob)
+    input_drop = float(config.input_drop or 0.0)
+    if input_drop > 0 and (x_float is None or x_float.shape != x.shape):
+        raise ZsqError("input_drop needs the float model's input to the unit, shaped like the quantized model's "
+                       f"({tuple(x.shape)}); got {None if x_float is None else tuple(x_float.shape)}")
 
     def weight_fn(name: str, mod: nn.Module) -> torch.Tensor:
         r = roundings.get(name)
@@ -225,7 +234,11 @@ def optimize_unit(
     bar = unit_progress(range(iters), desc=desc, progress=progress)
     for it in bar:
         idx = torch.randperm(n, generator=generator)[:bsz].to(x.device)
-        y = runner(x[idx], weight_fn=weight_fn, act_fn=act_fn)
+        xb = x[idx]
+        if input_drop > 0:
+            use_float = torch.rand(xb.shape, generator=generator).to(xb.device) < input_drop
+            xb = torch.where(use_float, x_float[idx], xb)
+        y = runner(xb, weight_fn=weight_fn, act_fn=act_fn)
         rec = reconstruction_loss(y, target[idx], weight[idx] if weight is not None else None)
         beta = beta_at(it, iters, warmup=config.warmup, start=config.beta_start, end=config.beta_end)
         loss = rec

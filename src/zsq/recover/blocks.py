@@ -509,6 +509,7 @@ def reconstruct_sequentially(
     train_unit: Callable[[Unit, UnitRunner, UnitData], dict[str, Any]],
     eval_batch: int,
     output_weights: Callable[[Unit, torch.Tensor, WeightFn], torch.Tensor] | None = None,
+    revert_worse: bool = False,
 ) -> Iterator[SequentialResult]:
     """Reconstruct ``units`` one after the other (a generator: one result per unit).
 
@@ -517,7 +518,9 @@ def reconstruct_sequentially(
     writes into the model) whatever it reconstructs; the errors before and after are measured with the
     model's ordinary quantized forward, so they also check that the learned values were written correctly.
     ``output_weights(unit, yf, float_weight_fn)``, if given, returns per-element weights of the unit's output
-    error (``UnitData.w``); the reported errors stay plain MSE.
+    error (``UnitData.w``); the reported errors stay plain MSE. With ``revert_worse``, a unit whose error on the
+    learning inputs is higher after ``train_unit`` than before is put back as it was (its layers' and activation
+    quantizers' state), and its result says so (``info["reverted"]``).
     """
     import time
 
@@ -534,9 +537,17 @@ def reconstruct_sequentially(
             hyf = runner.batched(hf, batch_size=eval_batch, weight_fn=fw, act_fn=no_act)
             h_before = mse(runner.batched(hq, batch_size=eval_batch), hyf)
         w = output_weights(unit, yf, fw) if output_weights is not None else None
+        start = _unit_state(gm, unit) if revert_worse else None
         info = train_unit(unit, runner, UnitData(xq, xf, yf, hq, hf, hyf, w))
-        xq = runner.batched(xq, batch_size=eval_batch)
-        after = mse(xq, yf)
+        xq_next = runner.batched(xq, batch_size=eval_batch)
+        after = mse(xq_next, yf)
+        if start is not None:
+            info["reverted"] = after > before
+            if after > before:
+                _load_unit_state(gm, start)
+                xq_next = runner.batched(xq, batch_size=eval_batch)
+                after = mse(xq_next, yf)
+        xq = xq_next
         h_after = None
         if hq is not None and hyf is not None:
             hq = runner.batched(hq, batch_size=eval_batch)
@@ -544,6 +555,19 @@ def reconstruct_sequentially(
             hf = hyf
         xf = yf
         yield SequentialResult(unit, before, after, h_before, h_after, time.perf_counter() - t0, info)
+
+
+def _unit_state(gm: nn.Module, unit: Unit) -> dict[str, dict[str, torch.Tensor]]:
+    """A copy of the state (weights, biases, quantizer buffers) of ``unit``'s layers and activation quantizers."""
+    return {name: {k: v.detach().clone() for k, v in gm.get_submodule(name).state_dict().items()}
+            for name in [*unit.layers, *unit.act_quantizers]}
+
+
+@torch.no_grad()
+def _load_unit_state(gm: nn.Module, state: dict[str, dict[str, torch.Tensor]]) -> None:
+    for name, sd in state.items():
+        for k, v in gm.get_submodule(name).state_dict(keep_vars=True).items():
+            v.copy_(sd[k])
 
 
 def unit_progress(iterable: Any, *, desc: str, progress: bool, total: int | None = None) -> Any:

@@ -138,7 +138,8 @@ def run(ctx: "RecoverContext") -> list["UnitReport"]:
                 b.requires_grad_(True)
             info = optimize_unit(runner, data.xq, data.yf, roundings=roundings, steps=steps, config=cfg,
                                  generator=ctx.generator, desc=f"brecq {index + 1}/{total} {unit.name}",
-                                 progress=ctx.progress, biases=list(biases.values()), weight=data.w)
+                                 progress=ctx.progress, biases=list(biases.values()), weight=data.w,
+                                 x_float=data.xf if cfg.input_drop else None)
         finally:
             for b in biases.values():
                 b.requires_grad_(False)
@@ -162,7 +163,8 @@ def run(ctx: "RecoverContext") -> list["UnitReport"]:
     reports = []
     for res in reconstruct_sequentially(gm, ctx.units, ctx.inputs, ctx.holdout, snapshot=ctx.float_weights,
                                         train_unit=train_block, eval_batch=cfg.eval_batch_size,
-                                        output_weights=fisher if cfg.fisher else None):
+                                        output_weights=fisher if cfg.fisher else None,
+                                        revert_worse=bool(cfg.revert_worse)):
         reports.append(UnitReport.from_sequential(res, iterations=int(res.info.get("iterations", 0))))
         log.info("brecq %s (%s): MSE %.4g -> %.4g in %.1fs", res.unit.name, res.unit.kind, res.mse_before,
                  res.mse_after, res.seconds)
