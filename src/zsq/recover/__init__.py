@@ -122,6 +122,20 @@ def _pos_float(v: Any, what: str) -> None:
         raise ConfigError(f"RecoverConfig.{what} must be a number > 0, got {v!r}")
 
 
+def _in_range(v: Any, what: str, lo: float, hi: float, *, bounds: str, words: str = "") -> None:
+    """``v`` a number between ``lo`` and ``hi``; ``bounds`` is ``"[)"``, ``"[]"`` or ``"(]"``."""
+    ok = (not isinstance(v, bool) and isinstance(v, (int, float))
+          and (lo <= float(v) if bounds[0] == "[" else lo < float(v))
+          and (float(v) <= hi if bounds[1] == "]" else float(v) < hi))
+    if not ok:
+        raise ConfigError(f"RecoverConfig.{what} must be {words}in {bounds[0]}{lo:g}, {hi:g}{bounds[1]}, got {v!r}")
+
+
+def _opt_bool(v: Any, what: str, *, note: str = "") -> None:
+    if v is not None and not isinstance(v, bool):
+        raise ConfigError(f"RecoverConfig.{what} must be True, False or None{note}, got {v!r}")
+
+
 @dataclass(frozen=True)
 class RecoverConfig(_JsonMixin):
     """Settings of :func:`recover`. Fields left at ``None`` take the method's default (:func:`method_defaults`).
@@ -226,56 +240,40 @@ class RecoverConfig(_JsonMixin):
             raise ConfigError(f"RecoverConfig.reg_weight must be >= 0, got {self.reg_weight!r}")
         if not 0.0 <= float(self.warmup) < 1.0:
             raise ConfigError(f"RecoverConfig.warmup must be a fraction in [0, 1), got {self.warmup!r}")
-        if self.drop_prob is not None and (isinstance(self.drop_prob, bool)
-                                           or not isinstance(self.drop_prob, (int, float))
-                                           or not 0.0 <= float(self.drop_prob) < 1.0):
-            raise ConfigError(f"RecoverConfig.drop_prob must be in [0, 1), got {self.drop_prob!r}")
-        if self.input_drop is not None:
-            if (isinstance(self.input_drop, bool) or not isinstance(self.input_drop, (int, float))
-                    or not 0.0 <= float(self.input_drop) < 1.0):
-                raise ConfigError(f"RecoverConfig.input_drop must be in [0, 1), got {self.input_drop!r}")
-            if self.input_drop and self.method != "brecq":
-                raise ConfigError(f"input_drop (QDrop's mixing of float and quantized block inputs) is implemented "
-                                  f"for method='brecq', got method={self.method!r}")
+        for name in ("drop_prob", "input_drop"):
+            if getattr(self, name) is not None:
+                _in_range(getattr(self, name), name, 0, 1, bounds="[)")
+        self._brecq_only(self.input_drop, "input_drop (QDrop's mixing of float and quantized block inputs)")
         if self.learn_weight_scale and self.method == "finetune":
             raise ConfigError("finetune trains the weights themselves (their scales stay fixed); "
                               "learn_weight_scale is for method='adaround' or 'brecq'")
-        if self.learn_weight_scale is not None and not isinstance(self.learn_weight_scale, bool):
-            raise ConfigError(f"RecoverConfig.learn_weight_scale must be True, False or None, "
-                              f"got {self.learn_weight_scale!r}")
-        if self.learn_bias is not None and not isinstance(self.learn_bias, bool):
-            raise ConfigError(f"RecoverConfig.learn_bias must be True, False or None, got {self.learn_bias!r}")
+        for name in ("learn_weight_scale", "learn_bias", "revert_worse"):
+            _opt_bool(getattr(self, name), name)
+        _opt_bool(self.mirror, "mirror", note=" (the method's default)")
         if self.learn_bias and self.method != "brecq":
             raise ConfigError(f"learn_bias is implemented for method='brecq' (finetune always trains biases; "
                               f"adaround learns roundings only), got method={self.method!r}")
         if self.fisher is not None:
-            if (isinstance(self.fisher, bool) or not isinstance(self.fisher, (int, float))
-                    or not 0.0 <= float(self.fisher) <= 1.0):
-                raise ConfigError(f"RecoverConfig.fisher must be a mixing weight in [0, 1], got {self.fisher!r}")
-            if self.fisher and self.method != "brecq":
-                raise ConfigError(f"fisher weighting is implemented for method='brecq', got method={self.method!r}")
+            _in_range(self.fisher, "fisher", 0, 1, bounds="[]", words="a mixing weight ")
+        self._brecq_only(self.fisher, "fisher weighting")
         _pos_int(self.fisher_samples, "fisher_samples")
-        if self.mirror is not None and not isinstance(self.mirror, bool):
-            raise ConfigError(f"RecoverConfig.mirror must be True, False or None (the method's default), "
-                              f"got {self.mirror!r}")
         if self.shifts is not None:
             _pos_int(self.shifts, "shifts", allow_zero=True)
         if self.shift_pixels is not None:
             _pos_int(self.shift_pixels, "shift_pixels")
-        if self.revert_worse is not None and not isinstance(self.revert_worse, bool):
-            raise ConfigError(f"RecoverConfig.revert_worse must be True, False or None, got {self.revert_worse!r}")
-        if self.revert_worse and self.method != "brecq":
-            raise ConfigError(f"revert_worse is implemented for method='brecq', got method={self.method!r}")
+        self._brecq_only(self.revert_worse, "revert_worse")
         if self.crops is not None:
             _pos_int(self.crops, "crops", allow_zero=True)
-        if (isinstance(self.crop_min_area, bool) or not isinstance(self.crop_min_area, (int, float))
-                or not 0.0 < float(self.crop_min_area) <= 1.0):
-            raise ConfigError(f"RecoverConfig.crop_min_area must be a fraction in (0, 1], got {self.crop_min_area!r}")
+        _in_range(self.crop_min_area, "crop_min_area", 0, 1, bounds="(]", words="a fraction ")
         if self.unfreeze not in UNFREEZE:
             raise ConfigError(f"RecoverConfig.unfreeze={self.unfreeze!r} is not one of {', '.join(UNFREEZE)}")
         if self.learn_act_scale and self.method == "adaround":
             raise ConfigError("adaround learns weight roundings only; use method='brecq' to also learn "
                               "activation step sizes")
+
+    def _brecq_only(self, value: Any, what: str) -> None:
+        if value and self.method != "brecq":
+            raise ConfigError(f"{what} is implemented for method='brecq', got method={self.method!r}")
 
     def resolved(self, input_size: tuple[int, int] | None = None) -> "RecoverConfig":
         """This config with every ``None`` field replaced by the method's default (for ``input_size``)."""

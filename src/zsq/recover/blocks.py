@@ -531,22 +531,26 @@ def reconstruct_sequentially(
         runner = UnitRunner.for_unit(gm, unit)
         t0 = time.perf_counter()
         yf = runner.batched(xf, batch_size=eval_batch, weight_fn=fw, act_fn=no_act)
-        before = mse(runner.batched(xq, batch_size=eval_batch), yf)
+        yq = runner.batched(xq, batch_size=eval_batch)
+        before = mse(yq, yf)
         hyf = h_before = None
         if hq is not None and hf is not None:
             hyf = runner.batched(hf, batch_size=eval_batch, weight_fn=fw, act_fn=no_act)
             h_before = mse(runner.batched(hq, batch_size=eval_batch), hyf)
         w = output_weights(unit, yf, fw) if output_weights is not None else None
         start = _unit_state(gm, unit) if revert_worse else None
+        if start is None:
+            del yq  # only a revert reuses it; it need not stay in memory through training
         info = train_unit(unit, runner, UnitData(xq, xf, yf, hq, hf, hyf, w))
         xq_next = runner.batched(xq, batch_size=eval_batch)
         after = mse(xq_next, yf)
         if start is not None:
             info["reverted"] = after > before
-            if after > before:
-                _load_unit_state(gm, start)
-                xq_next = runner.batched(xq, batch_size=eval_batch)
-                after = mse(xq_next, yf)
+            if after > before:  # as it was: the unit's output is again the one measured before training
+                for name, state in start.items():
+                    gm.get_submodule(name).load_state_dict(state)
+                xq_next, after = yq, before
+            del yq
         xq = xq_next
         h_after = None
         if hq is not None and hyf is not None:
@@ -561,13 +565,6 @@ def _unit_state(gm: nn.Module, unit: Unit) -> dict[str, dict[str, torch.Tensor]]
     """A copy of the state (weights, biases, quantizer buffers) of ``unit``'s layers and activation quantizers."""
     return {name: {k: v.detach().clone() for k, v in gm.get_submodule(name).state_dict().items()}
             for name in [*unit.layers, *unit.act_quantizers]}
-
-
-@torch.no_grad()
-def _load_unit_state(gm: nn.Module, state: dict[str, dict[str, torch.Tensor]]) -> None:
-    for name, sd in state.items():
-        for k, v in gm.get_submodule(name).state_dict(keep_vars=True).items():
-            v.copy_(sd[k])
 
 
 def unit_progress(iterable: Any, *, desc: str, progress: bool, total: int | None = None) -> Any:
