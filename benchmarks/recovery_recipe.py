@@ -25,10 +25,11 @@ import torch
 
 import zsq
 from zsq.bias_correction import BIAS_MODES, BiasCorrectionConfig, correct_bias
-from zsq.config import DistillConfig
+from zsq.config import WEIGHT_ESTIMATORS, DistillConfig
 from zsq.data import load_dataset
 from zsq.distill import RetroConfig, retro_synthesize
 from zsq.evaluate import compare
+from zsq.graph import is_depthwise_conv
 from zsq.models import load_model
 from zsq.pipeline import check_device
 from zsq.recover import RecoverConfig, method_defaults, recover
@@ -80,7 +81,7 @@ def main() -> None:
     ap.add_argument("--weight-asymmetric", action="store_true", help="the same as --weights asymmetric")
     ap.add_argument("--depthwise-bits", type=int, default=None,
                     help="weight bits of the depthwise convs (default: --wbits), e.g. 8 for EfficientNet")
-    ap.add_argument("--depthwise-estimator", choices=("minmax", "mse"), default=None,
+    ap.add_argument("--depthwise-estimator", choices=WEIGHT_ESTIMATORS, default=None,
                     help="weight range of the depthwise convs only (default: --weight-estimator)")
     ap.add_argument("--pointwise-bits", type=int, default=None,
                     help="weight bits of the 1x1 convs other than the first/last layer (default: --wbits); with "
@@ -201,8 +202,7 @@ def measure(args: argparse.Namespace) -> None:
     dw_override = {k: v for k, v in (("wbits", args.depthwise_bits), ("weight_estimator", args.depthwise_estimator))
                    if v is not None}
     if dw_override:
-        dw = [n for n, m in folded.named_modules()
-              if isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels]
+        dw = [n for n, m in folded.named_modules() if is_depthwise_conv(m)]
         if not dw:
             raise SystemExit(f"--depthwise-bits/--depthwise-estimator: {args.model} has no depthwise convolution")
         overrides["re:^(" + "|".join(re.escape(n) for n in dw) + ")$"] = dw_override

@@ -228,3 +228,92 @@ def test_is_calibrated(qmodel, cal_data, tiny_model):
     with pytest.raises(NotCalibratedError):
         with torch.no_grad():
             qmodel(cal_data)
+
+
+def _depthwise_model() -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 10))
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+def test_input_moments_match_brute_force_for_a_grouped_conv():
+    from zsq.calibrate import InputMoments
+
+    conv = nn.Conv2d(4, 6, 3, padding=1, stride=2, groups=2)
+    x = torch.randn(3, 4, 7, 7, generator=torch.Generator().manual_seed(1))
+    st = InputMoments(conv)
+    st.add(x[:2])
+    st.add(x[2:])
+    got = st.moments()
+    assert got.shape == (6, 18, 18)
+    patches = torch.nn.functional.unfold(x, 3, padding=1, stride=2)  # (N, 36, L)
+    for o in range(6):
+        g = o // 3
+        p = patches[:, g * 18:(g + 1) * 18].transpose(0, 1).reshape(18, -1)
+        torch.testing.assert_close(got[o], p @ p.T / p.shape[1], rtol=1e-5, atol=1e-6)
+
+
+def test_output_mse_weight_ranges_are_fitted_once_on_the_calibration_inputs():
+    folded, _ = fold_batchnorm(_depthwise_model())
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    q = quantize(folded, QuantConfig(wbits=4, weight_symmetric=False, weight_estimator="output_mse"))
+    used = {p.name: p.weight_estimator for p in q.zsq_report.layers}
+    assert used == {"0": "output_mse", "3": "output_mse", "6": "output_mse", "9": "mse"}  # fan-in 1024 > 64
+    dw = weight_layers(q)["3"]
+    wq = dw.weight_quantizer
+    assert wq.needs_inputs and not bool(wq.fitted)
+    placeholder = wq.scale.clone()
+    calibrate(q, x, progress=False)
+    assert bool(wq.fitted) and not wq.needs_inputs
+    assert not torch.equal(wq.scale, placeholder)
+    # A later calibration (e.g. recovery's percentile ranges) keeps the fitted range even if the weights moved.
+    fitted = wq.scale.clone()
+    with torch.no_grad():
+        dw.weight.mul_(1.5)
+    calibrate(q, x, progress=False)
+    assert torch.equal(wq.scale, fitted)
+    # The flag travels with the state dict: a model loaded from it is not refitted either.
+    fresh = quantize(folded, QuantConfig(wbits=4, weight_symmetric=False, weight_estimator="output_mse"))
+    fresh.load_state_dict(q.state_dict())
+    assert not weight_layers(fresh)["3"].weight_quantizer.needs_inputs
+
+
+def test_output_mse_lowers_the_depthwise_output_error_against_minmax():
+    folded, _ = fold_batchnorm(_depthwise_model())
+    x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    errs = {}
+    for est in ("minmax", "output_mse"):
+        q = quantize(folded, QuantConfig(wbits=3, weight_symmetric=False, weight_estimator=est,
+                                         overrides={"re:(0|6|9)": {"wbits": 8}}))
+        calibrate(q, x, progress=False)
+        dw = weight_layers(q)["3"]
+        seen = []
+        handle = folded.get_submodule("3").register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+        try:
+            folded(x)
+        finally:
+            handle.remove()
+        h = seen[0]
+        ref = torch.nn.functional.conv2d(h, folded.get_submodule("3").weight, None, padding=1, groups=8)
+        got = torch.nn.functional.conv2d(h, dw.quantized_weight(), None, padding=1, groups=8)
+        errs[est] = float((got - ref).detach().pow(2).mean())
+    assert errs["output_mse"] < errs["minmax"]
+
+
+def test_depthwise_weight_estimator_selects_depthwise_convs_and_overrides_win():
+    folded, _ = fold_batchnorm(_depthwise_model())
+    q = quantize(folded, QuantConfig(wbits=4, weight_symmetric=False, depthwise_weight_estimator="output_mse"))
+    assert {p.name: p.weight_estimator for p in q.zsq_report.layers} == {
+        "0": "minmax", "3": "output_mse", "6": "minmax", "9": "minmax"}
+    q = quantize(folded, QuantConfig(wbits=4, depthwise_weight_estimator="output_mse",
+                                     overrides={"3": {"weight_estimator": "mse"}}))
+    assert {p.name: p.weight_estimator for p in q.zsq_report.layers}["3"] == "mse"
+    with pytest.raises(ConfigError, match="depthwise_weight_estimator"):
+        QuantConfig(depthwise_weight_estimator="hessian")

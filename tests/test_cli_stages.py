@@ -196,6 +196,7 @@ def test_override_spec_nonuniform():
     assert parse_override("fc=w8,pt,uni")[1] == {"wbits": 8, "weight_granularity": "per_tensor",
                                                   "weight_quantizer": "uniform"}
     assert parse_override("re:.*dw.*=mse") == ("re:.*dw.*", {"weight_estimator": "mse"})
+    assert parse_override("re:.*dw.*=w4,output_mse")[1] == {"wbits": 4, "weight_estimator": "output_mse"}
     assert parse_override("conv1=w4,pc,minmax")[1] == {"wbits": 4, "weight_granularity": "per_channel",
                                                       "weight_estimator": "minmax"}
 

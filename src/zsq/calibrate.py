@@ -1,6 +1,10 @@
 """Calibration: run calibration inputs through the model once (twice for histogram-based
 estimators), collect activation statistics with observers, then set every activation
-quantizer's static range with the chosen range estimator."""
+quantizer's static range with the chosen range estimator.
+
+Weight quantizers with the ``output_mse`` estimator also need data: before the activation statistics, one
+pass collects the second moments of their layers' inputs (:class:`InputMoments`) and fits their ranges.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,12 @@ from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import ACT_ESTIMATORS
 from .errors import ConfigError
-from .quant.modules import ActQuantizer
+from .quant.modules import QUANT_LAYER_TYPES, ActQuantizer, WeightQuantizer
 from .quant.observers import ActivationObserver
 from .quant.ranges import estimate_range, needs_histogram
 from .state import eval_mode
@@ -51,6 +56,82 @@ def observing(model: nn.Module) -> Iterator[dict[str, ActivationObserver]]:
                 q.observer = None
 
 
+class InputMoments:
+    """Accumulates, for one conv/linear layer, the second moment ``E[p p^T]`` of the inputs each output channel
+    multiplies (``p``: a flattened input patch of ``K = in/groups * kernel`` values), over every position."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        self.sum: torch.Tensor | None = None  # (groups, K, K), float64
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        mod = self.layer
+        x = x.detach().float()
+        if isinstance(mod, nn.Linear):
+            flat = x.reshape(-1, x.shape[-1])
+            part = (flat.T @ flat).unsqueeze(0)
+            n = flat.shape[0]
+        else:  # Conv2d (zsq.quant.apply.output_mse_applies)
+            groups = mod.groups
+            part, n = 0, 0
+            for i in range(x.shape[0]):  # one image at a time: the unfolded patches of a batch can be large
+                p = F.unfold(x[i:i + 1], mod.kernel_size, dilation=mod.dilation, padding=mod.padding,
+                             stride=mod.stride)
+                p = p.reshape(groups, -1, p.shape[-1])
+                part = part + p @ p.transpose(1, 2)
+                n += p.shape[-1]
+        part = part.double()
+        self.sum = part if self.sum is None else self.sum + part
+        self.count += n
+
+    def moments(self) -> torch.Tensor:
+        """``(out_channels, K, K)``: each output channel's input second moment."""
+        if self.sum is None or self.count == 0:
+            raise ConfigError("no calibration input reached this layer; cannot fit its output_mse weight range")
+        per_group = (self.sum / self.count).float()
+        out = self.layer.weight.shape[0]
+        return per_group.repeat_interleave(out // per_group.shape[0], dim=0)
+
+
+def _waiting_for_inputs(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QUANT_LAYER_TYPES)
+            and isinstance(m.weight_quantizer, WeightQuantizer) and m.weight_quantizer.needs_inputs}
+
+
+@torch.no_grad()
+def fit_weight_ranges(
+    model: nn.Module,
+    data: torch.Tensor | list,
+    *,
+    batch_size: int = DEFAULT_BATCH,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> list[str]:
+    """Fit the range of every ``output_mse`` weight quantizer that has not been fitted yet to the inputs its
+    layer sees on ``data`` (activation quantizers pass through meanwhile). A fitted range stays: learned
+    rounding (``zsq.recover``) builds on it. Returns the names of the layers fitted."""
+    layers = _waiting_for_inputs(model)
+    if not layers:
+        return []
+    stats = {n: InputMoments(m) for n, m in layers.items()}
+    handles = []
+    with observing(model):
+        try:
+            for n, m in layers.items():
+                handles.append(m.register_forward_pre_hook(lambda mod, args, st=stats[n]: st.add(args[0])))
+            for x in tqdm(list(_batches(data, batch_size)), desc="fit weight ranges", disable=not progress,
+                          leave=False):
+                model(x.to(device))
+        finally:
+            for h in handles:
+                h.remove()
+    for n, m in layers.items():
+        m.weight_quantizer.fit_output_error(m.weight.detach(), stats[n].moments())
+    log.info("fitted the output_mse weight ranges of %d layers", len(layers))
+    return list(layers)
+
+
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
@@ -78,6 +159,7 @@ def calibrate(
     passes = 2 if needs_histogram(estimator) else 1
     if not isinstance(data, torch.Tensor):
         data = list(_batches(data, batch_size))  # iterate twice
+    fit_weight_ranges(model, data, batch_size=batch_size, device=device, progress=progress)
     ranges: dict[str, tuple[float, float]] = {}
     with observing(model) as observers:
         if not observers:

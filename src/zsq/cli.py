@@ -32,18 +32,18 @@ def _bits(s: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-OVERRIDE_RE = re.compile(r"^(?:(float)|(?:w(\d))?(?:a(\d))?(?:,?(pc|pt))?(?:,?(nu|uni))?(?:,?(mse|minmax))?)$")
+OVERRIDE_RE = re.compile(r"^(?:(float)|(?:w(\d))?(?:a(\d))?(?:,?(pc|pt))?(?:,?(nu|uni))?(?:,?(output_mse|mse|minmax))?)$")
 
 
 def parse_override(text: str) -> tuple[str, dict[str, Any] | None]:
     """``PATTERN=SPEC`` with SPEC ``w8a8``, ``w8``, ``a6``, ``w4,pt``, ``w4,nu`` (non-uniform weights), ``w4,mse``
-    (the layers' weight range estimator), or ``float``."""
+    or ``w4,output_mse`` (the layers' weight range estimator), or ``float``."""
     if "=" not in text:
         raise ConfigError(f"--override {text!r}: expected PATTERN=SPEC, e.g. '@first=w8a8', 're:.*fc=w8', 'conv1=float'")
     pattern, spec = text.rsplit("=", 1)
     m = OVERRIDE_RE.match(spec.strip())
     if not pattern or not m or not any(m.groups()):
-        raise ConfigError(f"--override {text!r}: SPEC must look like w8a8, w4, a6, w4a8,pt, w4,nu, w4,mse or float")
+        raise ConfigError(f"--override {text!r}: SPEC must look like w8a8, w4, a6, w4a8,pt, w4,nu, w4,mse, w4,output_mse or float")
     if m.group(1):
         return pattern, None
     ov: dict[str, Any] = {}
@@ -178,7 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
                           f"--recover, weights below {SYMMETRIC_WEIGHT_MIN_BITS} bits are asymmetric unless this is "
                           "given)")
     p.add_argument("--weight-estimator", choices=WEIGHT_ESTIMATORS, default=qd.weight_estimator,
-                   help=f"weight range (default {qd.weight_estimator})")
+                   help=f"weight range (default {qd.weight_estimator}); output_mse fits depthwise convs to the "
+                        "calibration inputs and uses mse for the other layers")
+    p.add_argument("--depthwise-weight-estimator", choices=WEIGHT_ESTIMATORS, default=None,
+                   help="weight range of the depthwise convs only (default: --weight-estimator's)")
     p.add_argument("--act-estimator", choices=ACT_ESTIMATORS, default=None,
                    help=f"activation range estimator (default {qd.act_estimator}; with --recover and no "
                         "--act-estimator, recovery starts from percentile ranges, the start its recipes were "
@@ -186,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act-percentile", type=float, default=qd.act_percentile, help=f"for --act-estimator percentile (default {qd.act_percentile})")
     p.add_argument("--override", action="append", default=[], metavar="PATTERN=SPEC",
                    help="per-layer setting, e.g. '@first=w8a8', '@last=w8', 're:.*depthwise.*=w8', 'conv1=float'; "
-                        "also ',pt'/',pc' granularity, ',nu' codebook weights, ',mse'/',minmax' weight range (repeatable)")
+                        "also ',pt'/',pc' granularity, ',nu' codebook weights, ',mse'/',output_mse'/',minmax' weight range (repeatable)")
     p.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="keep matching layers in float (repeatable; must match)")
     p.add_argument("--calib", default="distilled", metavar="SOURCE",
                    help="calibration data: distilled (default), retro (Retro-Synthesis: class-conditional, works "
@@ -349,6 +352,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         wbits=args.wbits, abits=args.abits, weight_quantizer=args.weight_quantizer,
         weight_granularity="per_channel" if hybrid else args.weight_granularity,
         weight_symmetric=_weight_symmetric(args), weight_estimator=args.weight_estimator,
+        depthwise_weight_estimator=args.depthwise_weight_estimator,
         act_estimator=args.act_estimator or QuantConfig().act_estimator, act_percentile=args.act_percentile, overrides=overrides,
         skip=tuple(args.skip),
     )

@@ -12,7 +12,10 @@ MIN_BITS = 2
 MAX_BITS = 8
 
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
-WEIGHT_ESTIMATORS = ("minmax", "mse")
+# output_mse: the range that minimises the expected output error on the calibration inputs, for layers with at
+# most OUTPUT_MSE_MAX_FAN_IN weights per output channel (depthwise convs); the other layers fall back to mse.
+WEIGHT_ESTIMATORS = ("minmax", "mse", "output_mse")
+OUTPUT_MSE_MAX_FAN_IN = 64
 WEIGHT_QUANTIZERS = ("uniform", "nonuniform")  # nonuniform: codebook per layer/channel (zsq.quant.nonuniform)
 ACT_ESTIMATORS = ("minmax", "percentile", "mse")
 LR_SCHEDULES = ("constant", "cosine", "plateau")
@@ -99,6 +102,9 @@ class QuantConfig(_JsonMixin):
     weight_symmetric: bool | None = True
     act_symmetric: bool = False
     weight_estimator: str = "minmax"
+    # The weight range estimator of depthwise convs (groups == in_channels > 1); None: weight_estimator. Overrides
+    # still win. output_mse suits them (docs/recovery.md, "Output-aware depthwise ranges").
+    depthwise_weight_estimator: str | None = None
     act_estimator: str = "mse"
     act_percentile: float = 99.99
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -120,6 +126,8 @@ class QuantConfig(_JsonMixin):
         check_bits(self.abits, "abits")
         _check_choice(self.weight_granularity, WEIGHT_GRANULARITIES, "weight_granularity")
         _check_choice(self.weight_estimator, WEIGHT_ESTIMATORS, "weight_estimator")
+        if self.depthwise_weight_estimator is not None:
+            _check_choice(self.depthwise_weight_estimator, WEIGHT_ESTIMATORS, "depthwise_weight_estimator")
         _check_choice(self.act_estimator, ACT_ESTIMATORS, "act_estimator")
         if not (50.0 < float(self.act_percentile) <= 100.0):
             raise ConfigError(f"act_percentile must be in (50, 100], got {self.act_percentile}")

@@ -87,6 +87,11 @@ def is_avg_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _AVG_POOL_FUNCTIONS
 
 
+def is_depthwise_conv(mod: nn.Module | None) -> bool:
+    """A depthwise convolution: one filter group per input channel (``groups == in_channels > 1``)."""
+    return isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.groups > 1 and mod.groups == mod.in_channels
+
+
 def is_add(node: fx.Node) -> bool:
     """Whether ``node`` is an elementwise tensor addition (``a + b``, ``torch.add``, ``x.add(y)``)."""
     if node.op in ("call_function", "call_method") and node.target in ADD_TARGETS:

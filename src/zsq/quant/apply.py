@@ -22,9 +22,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..config import LayerOverride, QuantConfig
+from ..config import OUTPUT_MSE_MAX_FAN_IN, LayerOverride, QuantConfig
 from ..errors import ConfigError
-from ..graph import is_add, is_avg_pool, is_relu, module_of, trace
+from ..graph import is_add, is_avg_pool, is_depthwise_conv, is_relu, module_of, trace
 from ..scope import matches, validate_patterns
 from .modules import QUANT_LAYER_TYPES, QUANT_MODULE_FOR, ActQuantizer, WeightQuantizer
 from .nonuniform import NonUniformWeightQuantizer
@@ -112,6 +112,8 @@ def resolve_layer_plans(gm: fx.GraphModule, config: QuantConfig) -> list[LayerPl
     for (node, mod), name in zip(nodes, names):
         w, a, g = config.wbits, config.abits, config.weight_granularity
         wkind, west = config.weight_quantizer, config.weight_estimator
+        if config.depthwise_weight_estimator is not None and is_depthwise_conv(mod):
+            west = config.depthwise_weight_estimator
         floated = any(matches(p, name, names) for p in config.skip)
         for pattern, ov in config.overrides.items():
             if not matches(pattern, name, names):
@@ -127,10 +129,25 @@ def resolve_layer_plans(gm: fx.GraphModule, config: QuantConfig) -> list[LayerPl
             west = ov.weight_estimator if ov.weight_estimator is not None else west
         kind = type(mod).__name__.replace("Quant", "")
         out_ch = mod.weight.shape[0]
+        if west == "output_mse" and not output_mse_applies(mod, granularity=g, quantizer=wkind):
+            west = "mse"  # documented fallback (QuantConfig.weight_estimator); the plan shows what was used
         plans.append(LayerPlan(name, kind, None if floated else w, None if floated else a, g,
                                mod.weight.numel(), out_ch, wkind,
                                None if floated else config.weight_symmetric_for(w), west))
     return plans
+
+
+def output_mse_applies(mod: nn.Module, *, granularity: str, quantizer: str) -> bool:
+    """Whether the ``output_mse`` weight range can be fitted to ``mod``: a per-channel uniform quantizer on a
+    Conv2d (zero padding) or Linear with at most ``OUTPUT_MSE_MAX_FAN_IN`` weights per output channel."""
+    if granularity != "per_channel" or quantizer != "uniform":
+        return False
+    if isinstance(mod, nn.Conv2d):
+        if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+            return False
+    elif not isinstance(mod, nn.Linear):
+        return False
+    return mod.weight[0].numel() <= OUTPUT_MSE_MAX_FAN_IN
 
 
 def _output_before_avg_pool(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:

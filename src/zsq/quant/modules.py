@@ -27,6 +27,8 @@ class WeightQuantizer(nn.Module):
         n = channels if per_channel else 1
         self.register_buffer("scale", torch.ones(n))
         self.register_buffer("zero_point", torch.zeros(n, dtype=torch.int32))
+        if estimator == "output_mse":  # whether the range was fitted to calibration inputs (saved with the model)
+            self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
     @property
     def axis(self) -> int | None:
@@ -36,16 +38,36 @@ class WeightQuantizer(nn.Module):
     def qrange(self) -> tuple[int, int]:
         return P.qrange(self.bits, self.symmetric)
 
+    @property
+    def needs_inputs(self) -> bool:
+        """Whether the range still waits for calibration inputs (estimator ``output_mse``, not yet fitted)."""
+        return self.estimator == "output_mse" and not bool(self.fitted)
+
     @torch.no_grad()
     def calibrate_from(self, w: torch.Tensor) -> None:
+        """Set the range from the weight alone. ``output_mse`` starts from the ``mse`` range here;
+        :func:`zsq.calibrate.calibrate` then fits it to the layer's inputs (:meth:`fit_output_error`)."""
         axis = self.axis
-        if self.estimator == "mse":
+        if self.estimator in ("mse", "output_mse"):
             lo, hi = P.mse_weight_range(w, bits=self.bits, symmetric=self.symmetric, axis=axis)
         else:
             lo, hi = P.minmax(w, axis)
         s, z = P.scale_zero_point(lo, hi, bits=self.bits, symmetric=self.symmetric)
         self.scale.copy_(s.reshape(self.scale.shape).to(self.scale.device))
         self.zero_point.copy_(z.reshape(self.zero_point.shape).to(self.zero_point.device))
+
+    @torch.no_grad()
+    def fit_output_error(self, w: torch.Tensor, moments: torch.Tensor) -> None:
+        """Set the per-channel range that minimises the expected output error of the weights ``w`` given the
+        second moments of their inputs (:func:`zsq.quant.primitives.output_error_grid`; ``moments`` is
+        ``(out_channels, K, K)`` with ``K`` the weights per output channel), and mark the range fitted."""
+        if not self.per_channel:
+            raise ValueError("fit_output_error needs a per-channel weight quantizer")
+        s, z = P.output_error_grid(w.reshape(w.shape[0], -1), moments, bits=self.bits, symmetric=self.symmetric)
+        self.scale.copy_(s.to(self.scale.device))
+        self.zero_point.copy_(z.to(self.zero_point.device))
+        if hasattr(self, "fitted"):
+            self.fitted.fill_(True)
 
     def _params(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.per_channel:

@@ -145,3 +145,59 @@ def mse_weight_range(
     if axis is None:
         return lo_b[0], hi_b[0]
     return lo_b, hi_b
+
+
+# Grid of the output-error weight range search (output_error_grid): the step is the min/max step times a factor
+# in [OUTPUT_GRID_MIN_FACTOR, OUTPUT_GRID_MAX_FACTOR] (OUTPUT_GRID_STEPS values), combined with every zero-point.
+OUTPUT_GRID_MIN_FACTOR = 0.3
+OUTPUT_GRID_MAX_FACTOR = 1.2
+OUTPUT_GRID_STEPS = 61
+
+
+def output_error_grid(
+    w: torch.Tensor,
+    moments: torch.Tensor,
+    *,
+    bits: int,
+    symmetric: bool,
+    factors: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel scale and zero-point that minimise the expected *output* error of nearest rounding.
+
+    ``w`` is ``(C, K)``: each output channel's ``K`` weights (a depthwise conv's ``k*k`` taps). ``moments`` is
+    ``(C, K, K)``: the second moment ``E[p p^T]`` of the ``K`` inputs each channel multiplies (its input
+    patches). Channel ``c``'s output error power for quantized weights ``q`` is ``(q - w)^T M_c (q - w)``;
+    unlike ``||q - w||^2`` it counts errors that cancel over correlated inputs (neighbouring pixels) as small.
+
+    The search tries steps ``factor * s_minmax`` for every factor of ``factors`` (default
+    ``linspace(OUTPUT_GRID_MIN_FACTOR, OUTPUT_GRID_MAX_FACTOR, OUTPUT_GRID_STEPS)``, to which 1 is always
+    added) and, for asymmetric grids, every integer zero-point; symmetric grids keep zero-point 0. The min/max
+    grid is among the candidates, so the result is never worse than it by this measure. Returns ``scale``
+    (float32, ``(C,)``) and ``zero_point`` (int32, ``(C,)``).
+    """
+    if w.dim() != 2 or moments.shape != (w.shape[0], w.shape[1], w.shape[1]):
+        raise ValueError(f"output_error_grid expects w (C, K) and moments (C, K, K), got {tuple(w.shape)} and "
+                         f"{tuple(moments.shape)}")
+    w = w.detach().float()
+    m = moments.detach().float()
+    qmin, qmax = qrange(bits, symmetric)
+    lo, hi = minmax(w, 0)
+    s0, z0 = scale_zero_point(lo, hi, bits=bits, symmetric=symmetric)
+    if factors is None:
+        factors = torch.linspace(OUTPUT_GRID_MIN_FACTOR, OUTPUT_GRID_MAX_FACTOR, OUTPUT_GRID_STEPS)
+    factors = torch.cat([torch.ones(1), factors.float().reshape(-1).cpu()]).to(w.device)
+    zs = (torch.zeros(1) if symmetric else torch.arange(qmin, qmax + 1, dtype=torch.float32)).to(w.device)
+    zgrid = zs.reshape(-1, 1, 1)  # Z, 1, 1
+    best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
+    best_s, best_z = s0.clone().to(w.device), z0.to(torch.float32).to(w.device)
+    for f in factors:
+        s = (s0.to(w.device) * f).clamp_min(MIN_SCALE).reshape(1, -1, 1)  # 1, C, 1
+        q = torch.clamp(torch.round(w / s) + zgrid, qmin, qmax)  # Z, C, K
+        d = (q - zgrid) * s - w
+        err = torch.einsum("zci,cij,zcj->zc", d, m, d)
+        e, iz = err.min(0)
+        better = e < best_err
+        best_err = torch.where(better, e, best_err)
+        best_s = torch.where(better, s.reshape(-1), best_s)
+        best_z = torch.where(better, zs[iz], best_z)
+    return best_s.float(), best_z.to(torch.int32)

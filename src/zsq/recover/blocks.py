@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import UnsupportedLayerError
-from ..graph import is_add, trace
+from ..graph import is_add, is_depthwise_conv, trace
 from ..quant.modules import QUANT_LAYER_TYPES, ActQuantizer
 
 log = logging.getLogger(__name__)
@@ -134,10 +134,6 @@ def layer_tail(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     return out
 
 
-def _is_depthwise(mod: nn.Module) -> bool:
-    return isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.groups > 1 and mod.groups == mod.in_channels
-
-
 def _is_pointwise(mod: nn.Module) -> bool:
     return isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.groups == 1 and all(k == 1 for k in mod.kernel_size)
 
@@ -235,7 +231,7 @@ def find_units(model: nn.Module) -> list[Unit]:
         while i < len(chain):
             a = chain[i]
             mod = _module(gm, body[atoms[a][2][0]])
-            if _is_depthwise(mod) and i + 1 < len(chain):
+            if is_depthwise_conv(mod) and i + 1 < len(chain):
                 b = chain[i + 1]
                 proj = body[atoms[b][2][0]]
                 if not activation_after(gm, proj) and isinstance(_module(gm, proj), (nn.Conv1d, nn.Conv2d)):

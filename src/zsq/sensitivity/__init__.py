@@ -310,8 +310,10 @@ def make_weight_quantizer(layer: nn.Module, bits: int, *, config: Any = None) ->
     ``weight_symmetric=None``, depends on the bit width) instead of the layer's current quantizer."""
     wq = layer.weight_quantizer
     symmetric = config.weight_symmetric_for(bits) if config is not None else wq.symmetric
+    # output_mse needs the layer's inputs (zsq.calibrate); a sensitivity probe uses its data-free start, mse
+    estimator = "mse" if wq.estimator == "output_mse" else wq.estimator
     new = WeightQuantizer(bits=bits, symmetric=symmetric, per_channel=wq.per_channel,
-                          channels=layer.weight.shape[0], estimator=wq.estimator)
+                          channels=layer.weight.shape[0], estimator=estimator)
     new.to(layer.weight.device)
     new.calibrate_from(layer.weight.detach())
     return new
