@@ -199,14 +199,14 @@ def measure(args: argparse.Namespace) -> None:
     folded, _ = zsq.fold_batchnorm(model)
     folded.to(dev)
     overrides: dict[str, Any] = dict(FIRST_LAST_8)
-    dw_override = {k: v for k, v in (("wbits", args.depthwise_bits), ("weight_estimator", args.depthwise_estimator))
-                   if v is not None}
-    if dw_override:
+    if args.depthwise_bits is not None or args.depthwise_estimator is not None:
         dw = [n for n, m in folded.named_modules() if is_depthwise_conv(m)]
         if not dw:
             raise SystemExit(f"--depthwise-bits/--depthwise-estimator: {args.model} has no depthwise convolution")
-        overrides["re:^(" + "|".join(re.escape(n) for n in dw) + ")$"] = dw_override
-        print(f"{len(dw)} depthwise convs with {dw_override}", flush=True)
+        if args.depthwise_bits is not None:
+            overrides["re:^(" + "|".join(re.escape(n) for n in dw) + ")$"] = {"wbits": args.depthwise_bits}
+        print(f"{len(dw)} depthwise convs with bits {args.depthwise_bits or args.wbits}, weight range "
+              f"{args.depthwise_estimator or args.weight_estimator}", flush=True)
     if args.pointwise_bits is not None:
         pw = [n for n, m in folded.named_modules()
               if isinstance(m, torch.nn.Conv2d) and m.groups == 1 and m.kernel_size == (1, 1)]
@@ -216,7 +216,8 @@ def measure(args: argparse.Namespace) -> None:
         print(f"{len(pw)} pointwise convs at W{args.pointwise_bits}", flush=True)
     scheme = WEIGHT_SCHEMES["asymmetric" if args.weight_asymmetric else args.weights]
     base_for = calibrated_bases(folded, x, wbits=args.wbits, abits=args.abits, overrides=overrides,
-                                weight_estimator=args.weight_estimator, device=dev)
+                                weight_estimator=args.weight_estimator,
+                                depthwise_weight_estimator=args.depthwise_estimator, device=dev)
 
     eval_ds = (load_dataset(data_path, spec.preprocessing, subset=slice(0, n_eval) if n_eval else None)
                if args.eval else None)
