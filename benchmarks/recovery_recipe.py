@@ -29,7 +29,7 @@ from zsq.config import WEIGHT_ESTIMATORS, DistillConfig
 from zsq.data import load_dataset
 from zsq.distill import RetroConfig, retro_synthesize
 from zsq.evaluate import compare
-from zsq.graph import is_depthwise_conv
+from zsq.graph import is_depthwise_conv, is_pointwise_conv
 from zsq.models import load_model
 from zsq.pipeline import check_device
 from zsq.recover import RecoverConfig, method_defaults, recover
@@ -208,8 +208,7 @@ def measure(args: argparse.Namespace) -> None:
         print(f"{len(dw)} depthwise convs with bits {args.depthwise_bits or args.wbits}, weight range "
               f"{args.depthwise_estimator or args.weight_estimator}", flush=True)
     if args.pointwise_bits is not None:
-        pw = [n for n, m in folded.named_modules()
-              if isinstance(m, torch.nn.Conv2d) and m.groups == 1 and m.kernel_size == (1, 1)]
+        pw = [n for n, m in folded.named_modules() if is_pointwise_conv(m)]
         if not pw:
             raise SystemExit(f"--pointwise-bits: {args.model} has no 1x1 convolution")
         overrides["re:^(" + "|".join(re.escape(n) for n in pw) + ")$"] = {"wbits": args.pointwise_bits}

@@ -270,6 +270,25 @@ def test_weight_symmetry_defaults_to_by_bits_with_recover(tmp_path, capsys, reco
                                                             None: True}[flag])
 
 
+@pytest.mark.parametrize("recover, flag, expected", [
+    (True, None, "output_mse"),  # the recovery recipe (session 22): output-aware depthwise ranges
+    (True, "minmax", "minmax"),  # an explicit choice wins
+    (False, None, "minmax"),  # plain PTQ: the depthwise conv follows --weight-estimator
+    (False, "output_mse", "output_mse"),
+])
+def test_depthwise_weight_estimator_defaults_to_output_mse_with_recover(tmp_path, capsys, recover, flag, expected):
+    out = tmp_path / "dwest"
+    extra = (["--recover", "adaround", "--recover-iters", "2"] if recover else []) + (
+        ["--depthwise-weight-estimator", flag] if flag else [])
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--wbits", "4", *extra, "--out", out, *FAST)
+    assert rc == 0, err
+    r = report(out)
+    estimators = {l["name"]: l["weight_estimator"] for l in r["quantizers"]["layers"]}
+    assert estimators["conv3"] == expected  # tiny_cnn's depthwise conv
+    assert {estimators[k] for k in ("conv1", "conv2", "conv4", "fc")} == {"minmax"}  # dense layers unaffected
+    assert r["settings"]["quant"]["depthwise_weight_estimator"] == (flag or ("output_mse" if recover else None))
+
+
 def test_weight_symmetric_and_asymmetric_exclude_each_other(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # argparse: usage + one error line
         cli(capsys, "quantize", "tiny_cnn", "--weight-symmetric", "--weight-asymmetric", "--out", tmp_path / "x", *FAST)

@@ -576,3 +576,18 @@ def test_tiny_cnn():
     gm, report = fold_and_check(model, x, seed=5)
     assert report.num_folded + report.num_bn_remaining == n_bn
     assert count_batchnorm(gm) == report.num_bn_remaining
+
+
+def test_depthwise_and_pointwise_conv_predicates():
+    from zsq.graph import is_depthwise_conv, is_pointwise_conv
+
+    dw = nn.Conv2d(8, 8, 3, groups=8)
+    pw = nn.Conv2d(8, 16, 1)
+    pw1d = nn.Conv1d(8, 16, 1)
+    grouped_1x1 = nn.Conv2d(8, 16, 1, groups=2)
+    dense_3x3 = nn.Conv2d(8, 16, 3)
+    assert is_depthwise_conv(dw) and not is_pointwise_conv(dw)
+    assert is_pointwise_conv(pw) and is_pointwise_conv(pw1d) and not is_depthwise_conv(pw)
+    assert not is_pointwise_conv(grouped_1x1) and not is_depthwise_conv(grouped_1x1)
+    assert not is_pointwise_conv(dense_3x3) and not is_depthwise_conv(dense_3x3)
+    assert not is_pointwise_conv(None) and not is_depthwise_conv(nn.Linear(4, 4))

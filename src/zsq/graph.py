@@ -92,6 +92,11 @@ def is_depthwise_conv(mod: nn.Module | None) -> bool:
     return isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.groups > 1 and mod.groups == mod.in_channels
 
 
+def is_pointwise_conv(mod: nn.Module | None) -> bool:
+    """A pointwise convolution: a dense (``groups == 1``) convolution whose kernel is 1 in every dimension."""
+    return isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.groups == 1 and all(k == 1 for k in mod.kernel_size)
+
+
 def is_add(node: fx.Node) -> bool:
     """Whether ``node`` is an elementwise tensor addition (``a + b``, ``torch.add``, ``x.add(y)``)."""
     if node.op in ("call_function", "call_method") and node.target in ADD_TARGETS:

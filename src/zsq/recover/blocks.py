@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import UnsupportedLayerError
-from ..graph import is_add, is_depthwise_conv, trace
+from ..graph import is_add, is_depthwise_conv, is_pointwise_conv, trace
 from ..quant.modules import QUANT_LAYER_TYPES, ActQuantizer
 
 log = logging.getLogger(__name__)
@@ -132,10 +132,6 @@ def layer_tail(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
         out.append(user)
         cur = user
     return out
-
-
-def _is_pointwise(mod: nn.Module) -> bool:
-    return isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.groups == 1 and all(k == 1 for k in mod.kernel_size)
 
 
 def _graph_nodes(gm: fx.GraphModule) -> tuple[fx.Node, list[fx.Node], fx.Node]:
@@ -238,7 +234,7 @@ def find_units(model: nn.Module) -> list[Unit]:
                     start = a
                     if groups and groups[-1][0] == "layer" and i > 0 and groups[-1][1] == chain[i - 1]:
                         prev = body[atoms[chain[i - 1]][2][0]]
-                        if _is_pointwise(_module(gm, prev)) and activation_after(gm, prev):
+                        if is_pointwise_conv(_module(gm, prev)) and activation_after(gm, prev):
                             start = groups.pop()[1]
                     groups.append(("mbconv", start, b))
                     i += 2
