@@ -41,7 +41,7 @@ from zsq.config import DistillConfig, QuantConfig, is_large_input
 from zsq.data import load_dataset
 from zsq.evaluate import compare
 from zsq.models import load_model
-from zsq.recover import METHODS, RecoverConfig, recover
+from zsq.recover import METHODS, RECIPE_DEPTHWISE_WEIGHT_ESTIMATOR, RecoverConfig, recover
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CIFAR = SHARED / "data/cifar10-test/cifar10_test.npz"
@@ -70,16 +70,17 @@ def peak_mb() -> float:
 
 def calibrated_bases(folded: torch.nn.Module, calib: torch.Tensor, *, device: str | torch.device = "cpu",
                      **quant: Any) -> Callable[[bool | None], Any]:
-    """``base_for(weight_symmetric)``: the model quantized with ``QuantConfig(weight_symmetric=..., **quant)`` and
-    calibrated on ``calib`` (on ``device``), made on first use, one per weight scheme (PTQ rows and recovery rows
-    may differ)."""
-    bases: dict[bool | None, Any] = {}
+    """``base_for(weight_symmetric, **extra)``: the model quantized with
+    ``QuantConfig(weight_symmetric=..., **quant, **extra)`` and calibrated on ``calib`` (on ``device``), made on
+    first use, one per weight scheme (PTQ rows and recovery rows may differ)."""
+    bases: dict[tuple[bool | None, tuple[tuple[str, Any], ...]], Any] = {}
 
-    def base_for(symmetric: bool | None) -> Any:
-        if symmetric not in bases:
-            bases[symmetric] = zsq.quantize(folded, QuantConfig(weight_symmetric=symmetric, **quant))
-            zsq.calibrate(bases[symmetric], calib, progress=False, device=device)
-        return bases[symmetric]
+    def base_for(symmetric: bool | None, **extra: Any) -> Any:
+        key = (symmetric, tuple(sorted(extra.items())))
+        if key not in bases:
+            bases[key] = zsq.quantize(folded, QuantConfig(weight_symmetric=symmetric, **{**quant, **extra}))
+            zsq.calibrate(bases[key], calib, progress=False, device=device)
+        return bases[key]
 
     return base_for
 
@@ -135,7 +136,10 @@ def run_model(name: str, args: argparse.Namespace, emit) -> None:
             for method in ["ptq", *methods]:
                 # as zsq quantize: symmetric weights for plain PTQ, by bit width (asymmetric below 8) with --recover
                 symmetric = WEIGHT_SCHEMES[args.weights][method == "ptq"]
-                q = base_for(symmetric) if method == "ptq" else clone(base_for(symmetric))
+                # and, with --recover, output-aware ranges for depthwise convs (none in the CIFAR ResNets)
+                extra = ({"depthwise_weight_estimator": RECIPE_DEPTHWISE_WEIGHT_ESTIMATOR}
+                         if method != "ptq" and args.weights == "recipe" else {})
+                q = base_for(symmetric) if method == "ptq" else clone(base_for(symmetric, **extra))
                 rec_s, rep = 0.0, None
                 if method != "ptq":
                     kw: dict[str, Any] = {"method": method, "seed": seed}
@@ -154,7 +158,8 @@ def run_model(name: str, args: argparse.Namespace, emit) -> None:
                        "eval_s": time.perf_counter() - t, "n": res["n"], "peak_mb": peak_mb(),
                        "holdout_kl_before": rep.holdout_kl_before if rep else None,
                        "holdout_kl_after": rep.holdout_kl_after if rep else None,
-                       "recover_config": rep.config if rep else None, "weight_symmetric": symmetric}
+                       "recover_config": rep.config if rep else None, "weight_symmetric": symmetric,
+                       "depthwise_weight_estimator": extra.get("depthwise_weight_estimator")}
                 per.setdefault((label, method), []).append(row)
                 emit(row)
                 print(f"    {label} {method:<9} top-1 {row['top1']:.2f} (drop {row['drop']:+.2f}) "
@@ -264,8 +269,10 @@ def main() -> None:
     ap.add_argument("--distill-iters", type=int, default=DistillConfig().iterations)
     ap.add_argument("--recover-iters", type=int, default=None, help="override every method's default iterations")
     ap.add_argument("--weights", choices=sorted(WEIGHT_SCHEMES), default="recipe",
-                    help="weight symmetry: recipe (zsq quantize's: symmetric for the PTQ rows, asymmetric below 8 bits "
-                         "when recovering; rows before session 14 were all symmetric), symmetric, asymmetric")
+                    help="weight scheme: recipe (zsq quantize's: symmetric for the PTQ rows; when recovering, "
+                         "asymmetric below 8 bits and output_mse ranges for depthwise convs; rows before session 14 "
+                         "were all symmetric, rows before session 23 used min/max depthwise ranges), symmetric, "
+                         "asymmetric (both with min/max depthwise ranges)")
     ap.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
                     help="RecoverConfig.mirror for every method (default: each method's; --no-mirror for the rows "
                          "before session 14)")

@@ -317,3 +317,23 @@ def test_depthwise_weight_estimator_selects_depthwise_convs_and_overrides_win():
     assert {p.name: p.weight_estimator for p in q.zsq_report.layers}["3"] == "mse"
     with pytest.raises(ConfigError, match="depthwise_weight_estimator"):
         QuantConfig(depthwise_weight_estimator="hessian")
+
+
+def test_recover_hints_when_low_bit_depthwise_convs_start_from_other_ranges(caplog):
+    import logging
+
+    from zsq.recover import RECIPE_DEPTHWISE_WEIGHT_ESTIMATOR, RecoverConfig, recover
+
+    model = _depthwise_model()
+    folded, _ = fold_batchnorm(model)
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    hints = {}
+    for est in ("minmax", RECIPE_DEPTHWISE_WEIGHT_ESTIMATOR):
+        q = quantize(folded, QuantConfig(wbits=4, weight_symmetric=False, depthwise_weight_estimator=est))
+        calibrate(q, x, progress=False)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="zsq.recover"):
+            recover(q, model, x, RecoverConfig(method="adaround", iters=1, act_estimator=None), progress=False)
+        hints[est] = [r.getMessage() for r in caplog.records if "depthwise" in r.getMessage()]
+    assert len(hints["minmax"]) == 1 and "1 low-bit depthwise conv(s)" in hints["minmax"][0]
+    assert hints[RECIPE_DEPTHWISE_WEIGHT_ESTIMATOR] == []

@@ -340,18 +340,16 @@ def _weight_symmetric(args: argparse.Namespace) -> bool | None:
     return None if args.recover is not None else True
 
 
-# With --recover and no --depthwise-weight-estimator, depthwise convs take output-aware ranges: on EfficientNet-Lite0
-# W4A8 + BRECQ they lowered the KL to FP32 on held-apart real images on 3 of 3 seeds (docs/recovery.md,
-# "Output-aware depthwise ranges"). Models without depthwise convs are unaffected.
-RECOVER_DEPTHWISE_WEIGHT_ESTIMATOR = "output_mse"
-
-
 def _depthwise_weight_estimator(args: argparse.Namespace) -> str | None:
     """QuantConfig.depthwise_weight_estimator from the flags: as given, else the recovery recipe's choice when
     recovering, else None (the layers follow --weight-estimator)."""
     if args.depthwise_weight_estimator is not None:
         return args.depthwise_weight_estimator
-    return RECOVER_DEPTHWISE_WEIGHT_ESTIMATOR if args.recover is not None else None
+    if args.recover is None:
+        return None
+    from .recover import RECIPE_DEPTHWISE_WEIGHT_ESTIMATOR  # output-aware ranges (docs/recovery.md)
+
+    return RECIPE_DEPTHWISE_WEIGHT_ESTIMATOR
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
