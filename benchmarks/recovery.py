@@ -69,7 +69,7 @@ def peak_mb() -> float:
 
 
 def calibrated_bases(folded: torch.nn.Module, calib: torch.Tensor, *, device: str | torch.device = "cpu",
-                     **quant: Any) -> Callable[[bool | None], Any]:
+                     **quant: Any) -> Callable[..., Any]:
     """``base_for(weight_symmetric, **extra)``: the model quantized with
     ``QuantConfig(weight_symmetric=..., **quant, **extra)`` and calibrated on ``calib`` (on ``device``), made on
     first use, one per weight scheme (PTQ rows and recovery rows may differ)."""

@@ -39,7 +39,8 @@ from ..config import ACT_ESTIMATORS, _JsonMixin, default_jitter, is_large_input
 from ..errors import ConfigError, NotCalibratedError
 from ..graph import is_depthwise_conv
 from ..quant import primitives as P
-from ..quant.modules import QUANT_LAYER_TYPES, ActQuantizer
+from ..quant.apply import output_mse_applies, weight_layers
+from ..quant.modules import QUANT_LAYER_TYPES, ActQuantizer, WeightQuantizer
 from ..metrics import kl_divergence
 from ..state import frozen_eval, full_fp32
 from .blocks import SequentialResult, Unit, UnitRunner, find_units, float_weights, no_act
@@ -444,13 +445,13 @@ FLOAT_MATCH_TOL = 1e-3
 
 
 def _hint_depthwise_ranges(gm: nn.Module) -> None:
-    """Log a hint when low-bit depthwise convs start from other ranges than the recipe's (the CLI sets them)."""
-    other = []
-    for name, m in gm.named_modules():
-        wq = getattr(m, "weight_quantizer", None) if is_depthwise_conv(m) else None
-        if wq is not None and getattr(wq, "bits", 8) < 8 and getattr(wq, "estimator", None) not in (
-                None, RECIPE_DEPTHWISE_WEIGHT_ESTIMATOR):
-            other.append(name)
+    """Log a hint when low-bit depthwise convs start from other ranges than the recipe's (the CLI sets them),
+    counting only the layers the recipe's estimator would apply to."""
+    other = [name for name, m in weight_layers(gm).items()
+             if is_depthwise_conv(m) and isinstance(wq := m.weight_quantizer, WeightQuantizer) and wq.bits < 8
+             and wq.estimator != RECIPE_DEPTHWISE_WEIGHT_ESTIMATOR
+             and output_mse_applies(m, granularity="per_channel" if wq.per_channel else "per_tensor",
+                                    quantizer="uniform")]
     if other:
         log.info("%d low-bit depthwise conv(s) use other weight ranges than %r, which the recovery recipe starts "
                  "from: QuantConfig(depthwise_weight_estimator=%r) before zsq.recover (docs/recovery.md)",
