@@ -546,7 +546,9 @@ def test_config_defaults_and_validation():
     assert large.batch_size < small.batch_size  # ImageNet-sized steps cost ~50x
     for m in ("adaround", "finetune"):
         assert RecoverConfig(method=m).resolved((224, 224)).iters < RecoverConfig(method=m).resolved((32, 32)).iters
-    assert large.iters == method_defaults("brecq", (224, 224))["iters"] == 300  # BRECQ: chosen on real held-apart
+    # BRECQ's steps and batch: chosen on real held-apart images (sessions 12 and 24)
+    assert (large.iters, large.batch_size) == (200, 24) == tuple(method_defaults("brecq", (224, 224))[k]
+                                                                 for k in ("iters", "batch_size"))
     assert large.lr == 1e-1 and small.lr == 1e-2  # rounding lr: chosen on real held-apart images (session 15)
     assert RecoverConfig(lr=3e-2).resolved((224, 224)).lr == 3e-2
     assert RecoverConfig(batch_size=8).resolved((224, 224)).batch_size == 8
