@@ -373,6 +373,21 @@ def test_recover_lr_flag(tmp_path, capsys, extra, lr):
     assert f"{100 * r['recover']['undecided']:.1f}% of the learned roundings undecided at the end" in so
 
 
+@pytest.mark.parametrize("flag, key", [("--recover-iters", "iters"), ("--recover-batch-size", "batch_size"),
+                                       ("--recover-lr", "lr")])
+def test_recover_flag_help_shows_each_methods_defaults(capsys, flag, key):
+    """The help reads the defaults from zsq.recover, so it follows them when they change (both input sizes)."""
+    from zsq.recover import METHODS, method_defaults
+
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    text = out.split(f"{flag} ", 2)[2].split(" --", 1)[0]  # after the usage line's mention: the flag's help
+    brecq_small, brecq_large = method_defaults("brecq")[key], method_defaults("brecq", (224, 224))[key]
+    assert all(m in text for m in METHODS)
+    assert f"brecq {brecq_small:g} ({brecq_large:g} for inputs larger than 128x128 pixels)" in text
+
+
 def test_recover_lr_must_be_positive(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # argparse type check: usage + one error line
         cli(capsys, "quantize", "tiny_cnn", "--recover", "brecq", "--recover-lr", "0", "--out", tmp_path / "x", *FAST)

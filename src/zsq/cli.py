@@ -127,16 +127,16 @@ def _distill_config(args: argparse.Namespace):
                          first_bn_weight=args.distill_first_bn_weight)
 
 
-def _recover_lr_help() -> str:
-    """--recover-lr's help, with each method's defaults read from zsq.recover (not repeated here)."""
+def _recover_defaults(key: str) -> str:
+    """Each recovery method's default for RecoverConfig field ``key``, read from zsq.recover (not repeated here),
+    for a --recover-* flag's help: "adaround 32 (16 for inputs larger than 128x128 pixels), brecq ..."."""
     from .recover import METHODS, method_defaults
 
     parts = []
     for m in METHODS:
-        small, large = method_defaults(m)["lr"], method_defaults(m, (224, 224))["lr"]  # CIFAR- / ImageNet-sized
+        small, large = method_defaults(m)[key], method_defaults(m, (224, 224))[key]  # CIFAR- / ImageNet-sized
         parts.append(f"{m} {small:g}" + (f" ({large:g} for inputs larger than 128x128 pixels)" if large != small else ""))
-    return ("Adam learning rate of the rounding variables (adaround, brecq) or of the weights (finetune); default "
-            + ", ".join(parts))
+    return ", ".join(parts)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,10 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after calibration: AdaRound learned rounding, BRECQ block reconstruction, or fine-tuning "
                         "(KL to the FP32 model, blocks unfrozen in HAWQ order)")
     g.add_argument("--recover-iters", type=_pos_int, default=None,
-                   help="steps per layer (adaround) / per block (brecq) / in total (finetune); default per method")
+                   help="steps per layer (adaround) / per block (brecq) / in total (finetune); default "
+                        + _recover_defaults("iters"))
     g.add_argument("--recover-batch-size", type=_pos_int, default=None,
-                   help="inputs per step (default 32; 16 for inputs larger than 128x128 pixels)")
-    g.add_argument("--recover-lr", type=_pos_float, default=None, metavar="LR", help=_recover_lr_help())
+                   help="inputs per step; default " + _recover_defaults("batch_size"))
+    g.add_argument("--recover-lr", type=_pos_float, default=None, metavar="LR",
+                   help="Adam learning rate of the rounding variables (adaround, brecq) or of the weights "
+                        "(finetune); default " + _recover_defaults("lr"))
     g.add_argument("--recover-drop-prob", type=float, default=None, metavar="P",
                    help="QDrop: probability of leaving an activation unquantized while reconstructing, in [0, 1) "
                         "(default 0.5 for brecq, 0 for adaround/finetune)")
