@@ -41,7 +41,8 @@ from recovery import FIRST_LAST_8, MODELS, WEIGHT_SCHEMES, calibrated_bases, clo
 
 
 def parse_candidate(text: str) -> tuple[str, dict[str, Any]]:
-    """``method:key=value,key=value`` -> (method, kwargs) with ints/floats/bools converted."""
+    """``method:key=value,key=value`` -> (method, kwargs) with ints/floats/bools converted (other values stay
+    strings)."""
     method, _, rest = text.partition(":")
     kw: dict[str, Any] = {}
     for item in filter(None, rest.split(",")):
@@ -52,7 +53,10 @@ def parse_candidate(text: str) -> tuple[str, dict[str, Any]]:
             try:
                 kw[key] = int(value)
             except ValueError:
-                kw[key] = float(value)
+                try:
+                    kw[key] = float(value)
+                except ValueError:
+                    kw[key] = value
     return method, kw
 
 

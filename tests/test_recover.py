@@ -802,3 +802,22 @@ def test_revert_worse_puts_back_a_block_that_got_worse(setup, monkeypatch):
     for bad in (dict(revert_worse="yes"), dict(method="adaround", revert_worse=True)):
         with pytest.raises(ConfigError, match="revert_worse"):
             RecoverConfig(**bad)
+
+
+@pytest.mark.parametrize("method", ["adaround", "brecq"])
+@pytest.mark.parametrize("weighting", ["uniform", "inputs"])
+def test_anchor_keeps_roundings_nearer_the_float_weights(setup, recovered, method, weighting):
+    fp32, qmodel, train, holdout = setup
+    _, free, _ = recovered[method]
+    q = clone(qmodel)
+    anchored = recover(q, fp32, train, RecoverConfig(method=method, iters=ITERS, batch_size=16, anchor=3.0,
+                                                     anchor_weighting=weighting),
+                       progress=False, holdout_inputs=holdout)
+    # a strong pull towards the float weights leaves fewer codes off nearest rounding, and still learns
+    assert anchored.changed_codes < free.changed_codes
+    assert anchored.holdout_kl_after < anchored.holdout_kl_before
+    assert RecoverConfig(anchor=0.3).anchor == 0.3
+    for bad in (dict(anchor=-0.1), dict(anchor=True), dict(anchor="1"), dict(method="finetune", anchor=0.1),
+                dict(anchor_weighting="hessian")):
+        with pytest.raises(ConfigError, match="anchor"):
+            RecoverConfig(**bad)

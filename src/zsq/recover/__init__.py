@@ -69,13 +69,13 @@ METHODS = tuple(_METHODS)
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "adaround": {"iters": 200, "batch_size": 32, "lr": 3e-2, "act_lr": 1e-2, "learn_act_scale": False,
                  "drop_prob": 0.0, "learn_weight_scale": False, "learn_bias": False, "mirror": False, "shifts": 0,
-                 "input_drop": 0.0, "crops": 0, "revert_worse": False},
+                 "input_drop": 0.0, "crops": 0, "revert_worse": False, "anchor": 0.0},
     "brecq": {"iters": 300, "batch_size": 32, "lr": 1e-2, "act_lr": 1e-2, "learn_act_scale": True,
               "drop_prob": 0.5, "learn_weight_scale": False, "learn_bias": False, "fisher": 0.0, "mirror": False,
-              "shifts": 0, "input_drop": 0.0, "crops": 0, "revert_worse": False},
+              "shifts": 0, "input_drop": 0.0, "crops": 0, "revert_worse": False, "anchor": 0.0},
     "finetune": {"iters": 600, "batch_size": 32, "lr": 1e-4, "act_lr": 1e-2, "learn_act_scale": True,
                  "drop_prob": 0.0, "learn_weight_scale": False, "learn_bias": False, "mirror": False, "shifts": 0,
-                 "input_drop": 0.0, "crops": 0, "revert_worse": False},
+                 "input_drop": 0.0, "crops": 0, "revert_worse": False, "anchor": 0.0},
 }
 # For ImageNet-sized inputs (above LARGE_INPUT_PIXELS) one step costs ~50x a CIFAR step: smaller batches (and,
 # for adaround / finetune, fewer steps) keep EfficientNet-Lite0 within ~30 minutes on 2 CPU cores. BRECQ got
@@ -94,6 +94,7 @@ _DEFAULTS_LARGE: dict[str, dict[str, Any]] = {
     "finetune": {"iters": 200, "batch_size": 16},
 }
 UNFREEZE = ("hawq", "all")
+ANCHOR_WEIGHTINGS = ("uniform", "inputs")
 
 
 def register_method(name: str, target: str) -> None:
@@ -194,6 +195,11 @@ class RecoverConfig(_JsonMixin):
     quantized model's own input otherwise, so that a block learns roundings that work between the two instead
     of undoing the exact errors that the blocks before it make on the calibration inputs (0: always the
     quantized model's input, zsq's recipe before session 20).
+    ``anchor`` (adaround, brecq): weight of a term that pulls every soft rounding towards the float weight,
+    scaled so that nearest rounding costs ``anchor`` times the unit's loss with nearest rounding
+    (GPTQ-style dampening of the few calibration inputs' correlations; 0, the default, is off);
+    ``anchor_weighting``: ``"uniform"`` (every rounding variable alike) or ``"inputs"`` (each weighted by its
+    step squared times the mean square of the input channel it multiplies).
     """
 
     method: str = "brecq"
@@ -226,6 +232,8 @@ class RecoverConfig(_JsonMixin):
     crops: int | None = None
     crop_min_area: float = 0.25
     revert_worse: bool | None = None
+    anchor: float | None = None
+    anchor_weighting: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.act_estimator is not None and self.act_estimator not in ACT_ESTIMATORS:
@@ -275,6 +283,15 @@ class RecoverConfig(_JsonMixin):
         if self.crops is not None:
             _pos_int(self.crops, "crops", allow_zero=True)
         _in_range(self.crop_min_area, "crop_min_area", 0, 1, bounds="(]", words="a fraction ")
+        if self.anchor is not None and (isinstance(self.anchor, bool) or not isinstance(self.anchor, (int, float))
+                                        or not self.anchor >= 0):
+            raise ConfigError(f"RecoverConfig.anchor must be a number >= 0 (0: off), got {self.anchor!r}")
+        if self.anchor_weighting not in ANCHOR_WEIGHTINGS:
+            raise ConfigError(f"RecoverConfig.anchor_weighting={self.anchor_weighting!r} is not one of "
+                              f"{', '.join(ANCHOR_WEIGHTINGS)}")
+        if self.anchor and self.method == "finetune":
+            raise ConfigError("anchor pulls learned roundings towards the float weights; it is for "
+                              "method='adaround' or 'brecq', not 'finetune'")
         if self.unfreeze not in UNFREEZE:
             raise ConfigError(f"RecoverConfig.unfreeze={self.unfreeze!r} is not one of {', '.join(UNFREEZE)}")
         if self.learn_act_scale and self.method == "adaround":

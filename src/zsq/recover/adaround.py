@@ -126,6 +126,10 @@ class LearnedRounding:
     def regularizer(self, beta: float) -> torch.Tensor:
         return rounding_regularizer(self.h(), beta)
 
+    def fraction(self) -> torch.Tensor:
+        """``W/s0 - floor(W/s0)``: the soft rounding that reproduces the float weight (``h`` at the start)."""
+        return (self.layer.weight.detach() / self.scale) - self.floor
+
     @torch.no_grad()
     def codes(self) -> torch.Tensor:
         """The learned integer codes (int32): ``floor(W/s) + [V >= 0] + z``, clamped to the grid."""
@@ -230,6 +234,8 @@ def optimize_unit(
             out = torch.where(keep_float, t, out)
         return out
 
+    anchor = _Anchor.build(runner, x, target, weight, roundings, float(config.anchor or 0.0), bsz,
+                            weighting=str(config.anchor_weighting))
     first = last = rec_v = reg_v = float("nan")
     bar = unit_progress(range(iters), desc=desc, progress=progress)
     for it in bar:
@@ -246,6 +252,8 @@ def optimize_unit(
         if beta is not None and roundings:
             reg = config.reg_weight * sum(r.regularizer(beta) for r in roundings.values())
             loss = rec + reg
+        if anchor is not None:
+            loss = loss + anchor.penalty(roundings)
         for group in opt.param_groups:
             if "cosine" in group:
                 group["lr"] = _cosine(group["cosine"], it, iters)
@@ -266,6 +274,78 @@ def optimize_unit(
             info["undecided"] = float(((h > UNDECIDED_LOW) & (h < 1.0 - UNDECIDED_LOW)).float().mean())
             info["rounding_variables"] = int(h.numel())
     return info
+
+
+class _Anchor:
+    """Pull of the soft roundings towards the float weights (``RecoverConfig.anchor``):
+
+        anchor * L_near * sum(d * (h - f)^2) / sum(d * min(f, 1 - f)^2)
+
+    over all the unit's rounding variables, with ``f`` the fractional part of ``W / s`` (``h = f`` reproduces
+    the float weight), ``L_near`` the unit's reconstruction loss with nearest rounding on the learning inputs
+    (so nearest rounding costs ``anchor * L_near``: the term is in the loss's own units) and ``d`` a weight per
+    rounding variable: 1 (``anchor_weighting="uniform"``) or ``s^2 * E[x_c^2]`` (``"inputs"``: the layer's
+    output error from that weight if its inputs were uncorrelated, with ``s`` the weight's step and ``E[x_c^2]``
+    the mean square of the input channel it multiplies, on the learning inputs).
+
+    It is GPTQ's dampening (a multiple of the diagonal added to the inputs' second moment) in rounding units:
+    the reconstruction loss learns the inputs' correlations from a few calibration inputs only (and distilled
+    inputs match the float model's per-channel statistics, not the correlations between channels), and the
+    term charges every move away from the float weight as if the inputs were uncorrelated.
+    """
+
+    def __init__(self, frac: list[torch.Tensor], importance: list[torch.Tensor], factor: float) -> None:
+        self.frac = frac
+        self.importance = importance
+        self.factor = factor
+
+    @classmethod
+    def build(cls, runner: UnitRunner, x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+              roundings: Mapping[str, LearnedRounding], anchor: float, batch_size: int,
+              weighting: str = "uniform") -> "_Anchor | None":
+        if anchor <= 0 or not roundings:
+            return None
+        with torch.no_grad():
+            y = runner.batched(x, batch_size=batch_size)
+            near = float(reconstruction_loss(y, target, weight))
+            frac = [r.fraction() for r in roundings.values()]
+            if weighting == "inputs":
+                importance = _input_importance(runner, x, roundings, batch_size)
+            else:
+                importance = [torch.ones((), dtype=f.dtype, device=f.device) for f in frac]
+            d_near = sum(float((d * torch.minimum(f, 1.0 - f).pow(2)).sum()) for d, f in zip(importance, frac))
+        if not near > 0 or not d_near > 0:
+            return None
+        return cls(frac, importance, anchor * near / d_near)
+
+    def penalty(self, roundings: Mapping[str, LearnedRounding]) -> torch.Tensor:
+        return self.factor * sum((d * (r.h() - f).pow(2)).sum()
+                                 for r, f, d in zip(roundings.values(), self.frac, self.importance))
+
+
+def _input_importance(runner: UnitRunner, x: torch.Tensor, roundings: Mapping[str, LearnedRounding],
+                      batch_size: int) -> list[torch.Tensor]:
+    """Per rounding variable of each layer: ``s^2 * E[x_c^2]`` (its step squared times the mean square, over
+    the learning inputs and positions, of the input channel the weight multiplies)."""
+    by_target = {str(n.target): n for n in runner.nodes if n.op == "call_module"}
+    srcs = [by_target[name].args[0] for name in roundings]
+    sums: list[torch.Tensor | float] = [0.0] * len(srcs)
+    for i in range(0, x.shape[0], batch_size):
+        caps = runner(x[i:i + batch_size], capture=srcs)
+        for k, c in enumerate(caps):
+            dims = [0] + list(range(2, c.dim()))
+            sums[k] = sums[k] + c.double().pow(2).mean(dim=dims) * c.shape[0]
+    out = []
+    for (name, r), total in zip(roundings.items(), sums):
+        ms = (total / x.shape[0]).to(r.v.dtype)  # (C_in,)
+        w = r.layer.weight
+        groups = int(getattr(r.layer, "groups", 1))
+        o, cin_g = w.shape[0], w.shape[1]
+        # input channel of weight [o, j]: group(o) * cin_g + j
+        chan = (torch.arange(o, device=w.device) // (o // groups)).unsqueeze(1) * cin_g + torch.arange(cin_g, device=w.device)
+        d = ms[chan].reshape(o, cin_g, *([1] * (w.dim() - 2))).expand_as(w)
+        out.append(d * r.scale.detach().pow(2))
+    return out
 
 
 def changed_codes(roundings: Sequence[LearnedRounding], nearest: Sequence[torch.Tensor]) -> tuple[int, int]:
