@@ -305,12 +305,23 @@ class _Anchor:
               weighting: str = "uniform") -> "_Anchor | None":
         if anchor <= 0 or not roundings:
             return None
+        by_input = weighting == "inputs"
         with torch.no_grad():
-            y = runner.batched(x, batch_size=batch_size)
-            near = float(reconstruction_loss(y, target, weight))
+            # one pass over the learning inputs: the unit's output with nearest rounding and, for "inputs",
+            # each layer's input (reduced to its channels' mean squares batch by batch)
+            by_target = {str(n.target): n for n in runner.nodes if n.op == "call_module"}
+            srcs = [by_target[name].args[0] for name in roundings] if by_input else []
+            outs: list[torch.Tensor] = []
+            sq: list[torch.Tensor | float] = [0.0] * len(srcs)
+            for i in range(0, x.shape[0], batch_size):
+                *caps, y = runner(x[i:i + batch_size], capture=[*srcs, runner.output])
+                outs.append(y)
+                for k, c in enumerate(caps):
+                    sq[k] = sq[k] + c.double().pow(2).mean(dim=[0, *range(2, c.dim())]) * c.shape[0]
+            near = float(reconstruction_loss(torch.cat(outs), target, weight))
             frac = [r.fraction() for r in roundings.values()]
-            if weighting == "inputs":
-                importance = _input_importance(runner, x, roundings, batch_size)
+            if by_input:
+                importance = [_input_importance(r, total / x.shape[0]) for r, total in zip(roundings.values(), sq)]
             else:
                 importance = [torch.ones((), dtype=f.dtype, device=f.device) for f in frac]
             d_near = sum(float((d * torch.minimum(f, 1.0 - f).pow(2)).sum()) for d, f in zip(importance, frac))
@@ -323,29 +334,17 @@ class _Anchor:
                                  for r, f, d in zip(roundings.values(), self.frac, self.importance))
 
 
-def _input_importance(runner: UnitRunner, x: torch.Tensor, roundings: Mapping[str, LearnedRounding],
-                      batch_size: int) -> list[torch.Tensor]:
-    """Per rounding variable of each layer: ``s^2 * E[x_c^2]`` (its step squared times the mean square, over
-    the learning inputs and positions, of the input channel the weight multiplies)."""
-    by_target = {str(n.target): n for n in runner.nodes if n.op == "call_module"}
-    srcs = [by_target[name].args[0] for name in roundings]
-    sums: list[torch.Tensor | float] = [0.0] * len(srcs)
-    for i in range(0, x.shape[0], batch_size):
-        caps = runner(x[i:i + batch_size], capture=srcs)
-        for k, c in enumerate(caps):
-            dims = [0] + list(range(2, c.dim()))
-            sums[k] = sums[k] + c.double().pow(2).mean(dim=dims) * c.shape[0]
-    out = []
-    for (name, r), total in zip(roundings.items(), sums):
-        ms = (total / x.shape[0]).to(r.v.dtype)  # (C_in,)
-        w = r.layer.weight
-        groups = int(getattr(r.layer, "groups", 1))
-        o, cin_g = w.shape[0], w.shape[1]
-        # input channel of weight [o, j]: group(o) * cin_g + j
-        chan = (torch.arange(o, device=w.device) // (o // groups)).unsqueeze(1) * cin_g + torch.arange(cin_g, device=w.device)
-        d = ms[chan].reshape(o, cin_g, *([1] * (w.dim() - 2))).expand_as(w)
-        out.append(d * r.scale.detach().pow(2))
-    return out
+def _input_importance(r: LearnedRounding, mean_square: torch.Tensor) -> torch.Tensor:
+    """Per rounding variable of ``r``'s layer: ``s^2 * E[x_c^2]``, its step squared times ``mean_square`` (C_in,)
+    of the input channel the weight multiplies (over the learning inputs and positions)."""
+    ms = mean_square.to(r.v.dtype)
+    w = r.layer.weight
+    groups = int(getattr(r.layer, "groups", 1))
+    o, cin_g = w.shape[0], w.shape[1]
+    # input channel of weight [o, j]: group(o) * cin_g + j
+    chan = (torch.arange(o, device=w.device) // (o // groups)).unsqueeze(1) * cin_g + torch.arange(cin_g, device=w.device)
+    d = ms[chan].reshape(o, cin_g, *([1] * (w.dim() - 2))).expand_as(w)
+    return d * r.scale.detach().pow(2)
 
 
 def changed_codes(roundings: Sequence[LearnedRounding], nearest: Sequence[torch.Tensor]) -> tuple[int, int]:
