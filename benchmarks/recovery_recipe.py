@@ -74,7 +74,9 @@ def main() -> None:
     ap.add_argument("--model", default="cifar_resnet20", choices=sorted(MODELS))
     ap.add_argument("--wbits", type=int, default=4)
     ap.add_argument("--abits", type=int, default=4)
-    ap.add_argument("--candidates", nargs="+", required=True, help="method:key=value,... (RecoverConfig fields)")
+    ap.add_argument("--candidates", nargs="+", required=True,
+                    help="method:key=value,... (RecoverConfig fields; seed=N sets recovery's own sampling seed, "
+                         "which is --seed otherwise)")
     ap.add_argument("--calib-batches", type=int, default=8)
     ap.add_argument("--holdout-batches", type=int, default=1, help="distilled batches (seed + 1000) to score on")
     ap.add_argument("--weight-estimator", default="minmax", choices=["minmax", "mse"])
@@ -234,7 +236,7 @@ def measure(args: argparse.Namespace) -> None:
             kl = holdout_kl(model, q, hold)
             row = {"candidate": text, "holdout_kl_before": kl, "holdout_kl_after": kl, "seconds": 0.0}
         else:
-            rep = recover(q, model, x, RecoverConfig(method=method, seed=args.seed, **kw), progress=False,
+            rep = recover(q, model, x, RecoverConfig(method=method, **{"seed": args.seed, **kw}), progress=False,
                           holdout_inputs=hold, device=dev)
             row = {"candidate": text, "holdout_kl_before": rep.holdout_kl_before,
                    "holdout_kl_after": rep.holdout_kl_after, "seconds": time.perf_counter() - t,

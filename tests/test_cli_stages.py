@@ -398,7 +398,8 @@ def test_recover_lr_must_be_positive(tmp_path, capsys):
 @pytest.mark.parametrize("flag", [("--recover-iters", "3"), ("--recover-lr", "0.1"), ("--recover-drop-prob", "0.3"),
                                   ("--recover-fisher", "0.5"), ("--recover-mirror",),
                                   ("--recover-shifts", "1"), ("--recover-input-drop", "0.5"),
-                                  ("--recover-crops", "1"), ("--recover-revert-worse",), ("--recover-anchor", "0.1")])
+                                  ("--recover-crops", "1"), ("--recover-revert-worse",), ("--recover-anchor", "0.1"),
+                                  ("--recover-harden", "0.5")])
 def test_recover_options_without_recover(tmp_path, capsys, flag):
     rc, _, err = cli(capsys, "quantize", "tiny_cnn", *flag, "--out", tmp_path / "x", *FAST)
     assert rc == 2 and "--recover" in err and "Traceback" not in err
@@ -414,15 +415,16 @@ def test_recover_drop_prob_out_of_range(tmp_path, capsys):
                                             (("--recover-input-drop", "0.25"), "input_drop", 0.25),
                                             (("--recover-revert-worse",), "revert_worse", True),
                                             (("--recover-crops", "1"), "crops", 1),
-                                            (("--recover-anchor", "0.3"), "anchor", 0.3)])
+                                            (("--recover-anchor", "0.3"), "anchor", 0.3),
+                                            (("--recover-harden", "0.4"), "harden", 0.4)])
 def test_recover_options_reach_the_recipe(tmp_path, capsys, flag, key, value):
-    if key not in ("crops", "anchor"):  # brecq's alone: refused, in one line, for another method
+    if key not in ("crops", "anchor", "harden"):  # brecq's alone: refused, in one line, for another method
         rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--recover", "adaround", *flag, "--out", tmp_path / "x", *FAST)
         assert rc == 2 and key in err and "brecq" in err and "Traceback" not in err
-    if key == "anchor":  # not for fine-tuning, and not negative: one line each
-        for bad in (("--recover", "finetune", *flag), ("--recover", "brecq", "--recover-anchor", "-1")):
+    if key in ("anchor", "harden"):  # not for fine-tuning, and not out of range: one line each
+        for bad in (("--recover", "finetune", *flag), ("--recover", "brecq", f"--recover-{key}", "-1")):
             rc, _, err = cli(capsys, "quantize", "tiny_cnn", *bad, "--out", tmp_path / "x", *FAST)
-            assert rc == 2 and "anchor" in err and "Traceback" not in err
+            assert rc == 2 and key in err and "Traceback" not in err
     out = tmp_path / "ok"
     rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--wbits", "4", "--recover", "brecq", "--recover-iters", "2",
                      *flag, "--out", out, *FAST)

@@ -18,8 +18,8 @@ from zsq.quant import primitives as P
 from zsq.quant.modules import QUANT_LAYER_TYPES, ActQuantizer
 from zsq.recover import (METHODS, RecoverConfig, find_units, method_defaults, recover, shifted_views,
                          zoomed_views)
-from zsq.recover.adaround import (GAMMA, ZETA, LearnedRounding, beta_at, inverse_rectified_sigmoid,
-                                  rectified_sigmoid, rounding_regularizer)
+from zsq.recover.adaround import (GAMMA, ZETA, LearnedRounding, beta_at, fix_most_decided, is_learnable,
+                                  inverse_rectified_sigmoid, rectified_sigmoid, rounding_regularizer)
 from zsq.recover.blocks import UnitRunner, fisher_weights, float_weights, no_act, reconstruction_loss
 from zsq.recover.brecq import lsq_fake_quantize
 
@@ -820,4 +820,55 @@ def test_anchor_keeps_roundings_nearer_the_float_weights(setup, recovered, metho
     for bad in (dict(anchor=-0.1), dict(anchor=True), dict(anchor="1"), dict(method="finetune", anchor=0.1),
                 dict(anchor_weighting="hessian")):
         with pytest.raises(ConfigError, match="anchor"):
+            RecoverConfig(**bad)
+
+
+def test_fix_most_decided_fixes_the_farthest_from_a_half_first(setup):
+    """Hardening fixes the variables whose soft rounding is farthest from 1/2 first, across layers; a fixed variable
+    keeps its decision (and gets no gradient) even when Adam's momentum later moves its V across 0."""
+    _, qmodel, _, _ = setup
+    q = clone(qmodel)
+    layers = [m for m in q.modules() if is_learnable(m)][:2]
+    rs = [LearnedRounding(m) for m in layers]
+    gen = torch.Generator().manual_seed(0)
+    for r in rs:
+        with torch.no_grad():
+            r.v.copy_(torch.randn(r.v.shape, generator=gen) * 3)
+    total = sum(r.numel for r in rs)
+    conf = torch.cat([(r.h() - 0.5).abs().flatten() for r in rs])
+    assert fix_most_decided(rs, 0.25) == sum(r.num_fixed for r in rs) >= total // 4
+    fixed = torch.cat([r.fixed.flatten() for r in rs])
+    assert conf[fixed].min() >= conf[~fixed].max()  # no free variable is more decided than a fixed one
+    assert bool(((torch.cat([r.h().flatten() for r in rs])[fixed] - 0.5).abs() == 0.5).all())  # exactly 0 or 1
+    codes = [r.codes().clone() for r in rs]
+    with torch.no_grad():
+        for r in rs:
+            r.v.neg_()  # every V crosses 0: the fixed ones must not follow
+    for r, c in zip(rs, codes):
+        assert torch.equal(r.codes()[r.fixed], c[r.fixed]) and not torch.equal(r.codes()[~r.fixed], c[~r.fixed])
+    h = rs[0].h()
+    h.sum().backward()
+    assert bool((rs[0].v.grad[rs[0].fixed] == 0).all()) and bool((rs[0].v.grad[~rs[0].fixed] != 0).any())
+    assert fix_most_decided(rs, 1.0) == total and fix_most_decided(rs, 0.5) == total  # never unfixes
+
+
+@pytest.mark.parametrize("method", ["adaround", "brecq"])
+def test_harden_bakes_what_the_last_steps_optimised(setup, recovered, method):
+    """With ``harden`` every rounding is fixed by the last step, so nothing is left undecided and the baked model
+    is the one the last step saw; it still lowers the held-apart KL and stays within one step of nearest."""
+    fp32, qmodel, train, holdout = setup
+    q = clone(qmodel)
+    before = {n: m.weight.detach().clone() for n, m in q.named_modules() if isinstance(m, QUANT_LAYER_TYPES)}
+    report = recover(q, fp32, train, RecoverConfig(method=method, iters=ITERS, batch_size=16, harden=0.5),
+                     progress=False, holdout_inputs=holdout)
+    assert report.undecided == 0.0 and recovered[method][1].undecided > 0.0
+    assert report.holdout_kl_after < report.holdout_kl_before
+    for name, m in q.named_modules():
+        if is_learnable(m):
+            wq = m.weight_quantizer
+            assert int((wq.integer(m.weight.detach()) - wq.integer(before[name])).abs().max()) <= 1, name
+    assert RecoverConfig(harden=0.3).harden == 0.3 and method_defaults("brecq")["harden"] == 0.0
+    for bad in (dict(harden=1.0), dict(harden=-0.1), dict(harden=True), dict(harden="0.5"),
+                dict(method="finetune", harden=0.5)):
+        with pytest.raises(ConfigError, match="harden"):
             RecoverConfig(**bad)

@@ -69,13 +69,16 @@ METHODS = tuple(_METHODS)
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "adaround": {"iters": 200, "batch_size": 32, "lr": 3e-2, "act_lr": 1e-2, "learn_act_scale": False,
                  "drop_prob": 0.0, "learn_weight_scale": False, "learn_bias": False, "mirror": False, "shifts": 0,
-                 "input_drop": 0.0, "crops": 0, "revert_worse": False, "anchor": 0.0},
+                 "input_drop": 0.0, "crops": 0, "revert_worse": False, "anchor": 0.0,
+                 "harden": 0.0},
     "brecq": {"iters": 300, "batch_size": 32, "lr": 1e-2, "act_lr": 1e-2, "learn_act_scale": True,
               "drop_prob": 0.5, "learn_weight_scale": False, "learn_bias": False, "fisher": 0.0, "mirror": False,
-              "shifts": 0, "input_drop": 0.0, "crops": 0, "revert_worse": False, "anchor": 0.0},
+              "shifts": 0, "input_drop": 0.0, "crops": 0, "revert_worse": False, "anchor": 0.0,
+              "harden": 0.0},
     "finetune": {"iters": 600, "batch_size": 32, "lr": 1e-4, "act_lr": 1e-2, "learn_act_scale": True,
                  "drop_prob": 0.0, "learn_weight_scale": False, "learn_bias": False, "mirror": False, "shifts": 0,
-                 "input_drop": 0.0, "crops": 0, "revert_worse": False, "anchor": 0.0},
+                 "input_drop": 0.0, "crops": 0, "revert_worse": False, "anchor": 0.0,
+                 "harden": 0.0},
 }
 # For ImageNet-sized inputs (above LARGE_INPUT_PIXELS) one step costs ~50x a CIFAR step: smaller batches (and,
 # for adaround / finetune, fewer steps) keep EfficientNet-Lite0 within ~30 minutes on 2 CPU cores. BRECQ got
@@ -87,10 +90,13 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 # 240 regularised steps, so 40-65 % of Lite0's roundings were still undecided at the end; real held-apart KL
 # 0.235 -> 0.161, 3 of 3 seeds (BENCHMARKS.md, "Rounding learning rate"). Since session 24 it takes fewer, larger
 # steps, 200 at batch 24 (was 300 at 16; the same number of samples): with output_mse depthwise ranges, real
-# held-apart KL 0.171 -> 0.143 on the mean, 3 of 3 seeds (BENCHMARKS.md, "Fewer, larger BRECQ steps").
+# held-apart KL 0.171 -> 0.143 on the mean, 3 of 3 seeds (BENCHMARKS.md, "Fewer, larger BRECQ steps"). Since
+# session 26 it fixes its roundings progressively over the last 30 % of each block's steps (harden): 200 steps left
+# up to 55 % of an early block's roundings undecided, and rounding them at the end lost most of the fit; real
+# held-apart KL 0.143 -> 0.128 on the mean, 3 of 3 seeds (BENCHMARKS.md, "Progressive hardening").
 _DEFAULTS_LARGE: dict[str, dict[str, Any]] = {
     "adaround": {"iters": 100, "batch_size": 16},
-    "brecq": {"iters": 200, "batch_size": 24, "mirror": True, "lr": 1e-1},
+    "brecq": {"iters": 200, "batch_size": 24, "mirror": True, "lr": 1e-1, "harden": 0.3},
     "finetune": {"iters": 200, "batch_size": 16},
 }
 UNFREEZE = ("hawq", "all")
@@ -201,6 +207,13 @@ class RecoverConfig(_JsonMixin):
     EfficientNet-Lite0 W4A8 it raised the KL on held-apart real images, docs/recovery.md, session 25);
     ``anchor_weighting``: ``"uniform"`` (every rounding variable alike) or ``"inputs"`` (each weighted by its
     step squared times the mean square of the input channel it multiplies).
+    ``harden`` (adaround, brecq): over the last ``harden`` share of a unit's steps, fix its rounding variables to
+    their hard rounding a share at a time, the most decided (soft value farthest from 1/2) first, all of them by
+    the last step (:func:`zsq.recover.adaround.fix_most_decided`). The variables still free then learn to make
+    up for those just fixed, and the rounding that is baked is the one the last steps optimised. Without it, the
+    regulariser's annealing can leave many variables undecided after few steps, and rounding them at the end
+    throws much of the learned fit away (EfficientNet-Lite0 W4A8, ``_blocks.0``: error 1.5 with the soft
+    roundings, 58 with the baked ones, 70 with nearest rounding; docs/recovery.md, session 26). 0: off.
     """
 
     method: str = "brecq"
@@ -235,6 +248,7 @@ class RecoverConfig(_JsonMixin):
     revert_worse: bool | None = None
     anchor: float | None = None
     anchor_weighting: str = "uniform"
+    harden: float | None = None
 
     def __post_init__(self) -> None:
         if self.act_estimator is not None and self.act_estimator not in ACT_ESTIMATORS:
@@ -287,6 +301,13 @@ class RecoverConfig(_JsonMixin):
         if self.anchor is not None and (isinstance(self.anchor, bool) or not isinstance(self.anchor, (int, float))
                                         or not self.anchor >= 0):
             raise ConfigError(f"RecoverConfig.anchor must be a number >= 0 (0: off), got {self.anchor!r}")
+        if self.harden is not None and (isinstance(self.harden, bool) or not isinstance(self.harden, (int, float))
+                                        or not 0 <= self.harden < 1):
+            raise ConfigError(f"RecoverConfig.harden must be a number in [0, 1) (the share of each unit's steps over "
+                              f"which its roundings are fixed; 0: off), got {self.harden!r}")
+        if self.harden and self.method == "finetune":
+            raise ConfigError("harden fixes learned roundings step by step; it is for method='adaround' or 'brecq', "
+                              "not 'finetune'")
         if self.anchor_weighting not in ANCHOR_WEIGHTINGS:
             raise ConfigError(f"RecoverConfig.anchor_weighting={self.anchor_weighting!r} is not one of "
                               f"{', '.join(ANCHOR_WEIGHTINGS)}")

@@ -108,9 +108,31 @@ class LearnedRounding:
         self.log_scale: torch.Tensor | None = None
         if learn_scale:
             self.log_scale = torch.zeros_like(s).requires_grad_(True)
+        # Variables fixed to their hard rounding (RecoverConfig.harden): ``fixed`` marks them, ``fixed_up`` holds
+        # their decision (1: rounded up); no gradient reaches them any more.
+        self.fixed: torch.Tensor | None = None
+        self.fixed_up: torch.Tensor | None = None
 
     def h(self) -> torch.Tensor:
-        return rectified_sigmoid(self.v)
+        h = rectified_sigmoid(self.v)
+        if self.fixed is not None:
+            h = torch.where(self.fixed, self.fixed_up, h)
+        return h
+
+    @torch.no_grad()
+    def fix(self, mask: torch.Tensor) -> None:
+        """Fix the variables in ``mask`` (shaped like the weight) to their current hard rounding (``V >= 0``);
+        variables fixed before keep their decision."""
+        up = (self.v >= 0).to(self.floor.dtype)
+        if self.fixed is None:
+            self.fixed, self.fixed_up = torch.zeros_like(mask), torch.zeros_like(up)
+        new = mask & ~self.fixed
+        self.fixed_up = torch.where(new, up, self.fixed_up)
+        self.fixed = self.fixed | new
+
+    @property
+    def num_fixed(self) -> int:
+        return 0 if self.fixed is None else int(self.fixed.sum())
 
     def current_scale(self) -> torch.Tensor:
         """The step that multiplies the codes: ``s0``, or ``s0 * exp(u)`` when the scale is learned."""
@@ -134,6 +156,8 @@ class LearnedRounding:
     def codes(self) -> torch.Tensor:
         """The learned integer codes (int32): ``floor(W/s) + [V >= 0] + z``, clamped to the grid."""
         up = (self.v >= 0).to(self.floor.dtype)
+        if self.fixed is not None:
+            up = torch.where(self.fixed, self.fixed_up, up)
         return torch.clamp(self.floor + up + self.zero, self.qmin, self.qmax).to(torch.int32)
 
     @torch.no_grad()
@@ -236,9 +260,13 @@ def optimize_unit(
 
     anchor = _Anchor.build(runner, x, target, weight, roundings, float(config.anchor or 0.0), bsz,
                             weighting=str(config.anchor_weighting))
+    harden = float(config.harden or 0.0)
+    harden_from = iters - max(1, round(harden * iters)) if harden > 0 and roundings else None
     first = last = rec_v = reg_v = float("nan")
     bar = unit_progress(range(iters), desc=desc, progress=progress)
     for it in bar:
+        if harden_from is not None and it >= harden_from:
+            fix_most_decided(list(roundings.values()), (it - harden_from + 1) / (iters - harden_from))
         idx = torch.randperm(n, generator=generator)[:bsz].to(x.device)
         xb = x[idx]
         if input_drop > 0:
@@ -274,6 +302,26 @@ def optimize_unit(
             info["undecided"] = float(((h > UNDECIDED_LOW) & (h < 1.0 - UNDECIDED_LOW)).float().mean())
             info["rounding_variables"] = int(h.numel())
     return info
+
+
+@torch.no_grad()
+def fix_most_decided(roundings: Sequence[LearnedRounding], share: float) -> int:
+    """Fix the most decided ``share`` (0..1) of all the rounding variables of ``roundings`` to their hard rounding
+    (:meth:`LearnedRounding.fix`), counting those already fixed: the variables whose soft value ``h`` is farthest
+    from 1/2 first. ``RecoverConfig.harden`` calls it at every step of the last part of a unit's optimisation with a
+    share rising to 1, so the rounding that is baked is the one the last steps optimised (the variables still free
+    learn to make up for those just fixed). Returns how many are fixed."""
+    total = sum(r.numel for r in roundings)
+    want = min(total, int(math.ceil(share * total)))
+    if total == 0 or want <= sum(r.num_fixed for r in roundings):
+        return sum(r.num_fixed for r in roundings)
+    # fixed variables have h exactly 0 or 1, so they count as the most decided and stay fixed
+    conf = [(r.h() - 0.5).abs() for r in roundings]
+    flat = torch.cat([c.flatten() for c in conf])
+    threshold = torch.kthvalue(flat, total - want + 1).values
+    for r, c in zip(roundings, conf):
+        r.fix(c >= threshold)
+    return sum(r.num_fixed for r in roundings)
 
 
 class _Anchor:
