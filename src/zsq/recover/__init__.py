@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import importlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -298,22 +299,18 @@ class RecoverConfig(_JsonMixin):
         if self.crops is not None:
             _pos_int(self.crops, "crops", allow_zero=True)
         _in_range(self.crop_min_area, "crop_min_area", 0, 1, bounds="(]", words="a fraction ")
-        if self.anchor is not None and (isinstance(self.anchor, bool) or not isinstance(self.anchor, (int, float))
-                                        or not self.anchor >= 0):
-            raise ConfigError(f"RecoverConfig.anchor must be a number >= 0 (0: off), got {self.anchor!r}")
-        if self.harden is not None and (isinstance(self.harden, bool) or not isinstance(self.harden, (int, float))
-                                        or not 0 <= self.harden < 1):
-            raise ConfigError(f"RecoverConfig.harden must be a number in [0, 1) (the share of each unit's steps over "
-                              f"which its roundings are fixed; 0: off), got {self.harden!r}")
-        if self.harden and self.method == "finetune":
-            raise ConfigError("harden fixes learned roundings step by step; it is for method='adaround' or 'brecq', "
-                              "not 'finetune'")
+        if self.anchor is not None:
+            _in_range(self.anchor, "anchor", 0, math.inf, bounds="[)", words="a number (0: off) ")
+        if self.harden is not None:
+            _in_range(self.harden, "harden", 0, 1, bounds="[)",
+                      words="the share of each unit's steps over which its roundings are fixed (0: off), ")
         if self.anchor_weighting not in ANCHOR_WEIGHTINGS:
             raise ConfigError(f"RecoverConfig.anchor_weighting={self.anchor_weighting!r} is not one of "
                               f"{', '.join(ANCHOR_WEIGHTINGS)}")
-        if self.anchor and self.method == "finetune":
-            raise ConfigError("anchor pulls learned roundings towards the float weights; it is for "
-                              "method='adaround' or 'brecq', not 'finetune'")
+        for name, what in (("anchor", "pulls learned roundings towards the float weights"),
+                           ("harden", "fixes learned roundings step by step")):
+            if getattr(self, name) and self.method == "finetune":
+                raise ConfigError(f"{name} {what}; it is for method='adaround' or 'brecq', not 'finetune'")
         if self.unfreeze not in UNFREEZE:
             raise ConfigError(f"RecoverConfig.unfreeze={self.unfreeze!r} is not one of {', '.join(UNFREEZE)}")
         if self.learn_act_scale and self.method == "adaround":
