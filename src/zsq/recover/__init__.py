@@ -71,15 +71,15 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "adaround": {"iters": 200, "batch_size": 32, "lr": 3e-2, "act_lr": 1e-2, "learn_act_scale": False,
                  "drop_prob": 0.0, "learn_weight_scale": False, "learn_bias": False, "mirror": False, "shifts": 0,
                  "input_drop": 0.0, "crops": 0, "revert_worse": False, "anchor": 0.0,
-                 "harden": 0.0},
+                 "harden": 0.0, "refine": False},
     "brecq": {"iters": 300, "batch_size": 32, "lr": 1e-2, "act_lr": 1e-2, "learn_act_scale": True,
               "drop_prob": 0.5, "learn_weight_scale": False, "learn_bias": False, "fisher": 0.0, "mirror": False,
               "shifts": 0, "input_drop": 0.0, "crops": 0, "revert_worse": False, "anchor": 0.0,
-              "harden": 0.0},
+              "harden": 0.0, "refine": False},
     "finetune": {"iters": 600, "batch_size": 32, "lr": 1e-4, "act_lr": 1e-2, "learn_act_scale": True,
                  "drop_prob": 0.0, "learn_weight_scale": False, "learn_bias": False, "mirror": False, "shifts": 0,
                  "input_drop": 0.0, "crops": 0, "revert_worse": False, "anchor": 0.0,
-                 "harden": 0.0},
+                 "harden": 0.0, "refine": False},
 }
 # For ImageNet-sized inputs (above LARGE_INPUT_PIXELS) one step costs ~50x a CIFAR step: smaller batches (and,
 # for adaround / finetune, fewer steps) keep EfficientNet-Lite0 within ~30 minutes on 2 CPU cores. BRECQ got
@@ -215,6 +215,10 @@ class RecoverConfig(_JsonMixin):
     regulariser's annealing can leave many variables undecided after few steps, and rounding them at the end
     throws much of the learned fit away (EfficientNet-Lite0 W4A8, ``_blocks.0``: error 1.5 with the soft
     roundings, 58 with the baked ones, 70 with nearest rounding; docs/recovery.md, session 26). 0: off.
+    ``refine`` (brecq): after each unit's reconstruction, improve the codes of its last layer (a 1x1 conv or
+    linear layer followed by nothing but a shortcut addition and quantizers) by greedy one-flip coordinate
+    descent on the exact quadratic error of the unit's output on the learning inputs, without QDrop
+    (:func:`zsq.recover.refine.refine_last_layer`); codes stay between floor and floor + 1.
     """
 
     method: str = "brecq"
@@ -250,6 +254,7 @@ class RecoverConfig(_JsonMixin):
     anchor: float | None = None
     anchor_weighting: str = "uniform"
     harden: float | None = None
+    refine: bool | None = None
 
     def __post_init__(self) -> None:
         if self.act_estimator is not None and self.act_estimator not in ACT_ESTIMATORS:
@@ -296,6 +301,8 @@ class RecoverConfig(_JsonMixin):
         if self.shift_pixels is not None:
             _pos_int(self.shift_pixels, "shift_pixels")
         self._brecq_only(self.revert_worse, "revert_worse")
+        _opt_bool(self.refine, "refine")
+        self._brecq_only(self.refine, "refine (greedy refinement of each block's last layer)")
         if self.crops is not None:
             _pos_int(self.crops, "crops", allow_zero=True)
         _in_range(self.crop_min_area, "crop_min_area", 0, 1, bounds="(]", words="a fraction ")
