@@ -176,10 +176,12 @@ def default_distill_batch(input_size: tuple[int, int]) -> int:
 
 # How many distilled inputs low-bit recovery (zsq.recover) learns from when `zsq quantize --recover` is not given
 # --distill-batches: the amounts its recipes were chosen and measured with (docs/recovery.md; BENCHMARKS.md,
-# "Low-bit recovery"): 256 CIFAR-sized inputs (8 batches of 32), 64 ImageNet-sized ones (4 of 16, bounded by
-# synthesis time on a CPU).
+# "Low-bit recovery"): 256 CIFAR-sized inputs (8 batches of 32), 80 ImageNet-sized ones (5 of 16, bounded by
+# synthesis time on a CPU). ImageNet-sized: 64 until session 27; 80 lowered the real held-apart KL of Lite0 W4A8 +
+# BRECQ on 3 of 3 seeds (0.128 -> 0.108 on the mean) for 2.5 more minutes of synthesis at 2 threads
+# (BENCHMARKS.md, "Greedy refinement of each block's last layer, 80 distilled inputs").
 RECOVER_DISTILL_INPUTS = 256
-RECOVER_DISTILL_INPUTS_LARGE = 64
+RECOVER_DISTILL_INPUTS_LARGE = 80
 
 
 def recover_distill_batches(input_size: tuple[int, int], batch_size: int) -> int:

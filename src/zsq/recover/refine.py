@@ -86,9 +86,9 @@ def refinable(runner: UnitRunner, name: str) -> str | None:
     return None
 
 
-def _rows(t: torch.Tensor, channels: int) -> torch.Tensor:
-    """(N, C, ...) or (N, ..., C) activations of a conv / linear layer as (samples, C) float64 rows."""
-    if t.dim() > 2 and t.shape[1] == channels and not (t.shape[-1] == channels and t.dim() == 3):
+def _rows(t: torch.Tensor, channels: int, *, conv: bool) -> torch.Tensor:
+    """A conv layer's (N, C, H, W) or a linear layer's (..., C) activations as (samples, C) float64 rows."""
+    if conv:
         t = t.movedim(1, -1)
     return t.reshape(-1, channels).double()
 
@@ -115,7 +115,8 @@ def refine_last_layer(runner: UnitRunner, name: str, x: torch.Tensor, target: to
     for i in range(0, x.shape[0], batch_size):
         xin, out, y = runner(x[i:i + batch_size], capture=[node.args[0], node, runner.output])
         t = out + (target[i:i + batch_size] - y)  # what the layer's output should have been
-        a, b = _rows(xin, cin), _rows(t, cout)
+        conv = isinstance(mod, nn.Conv2d)
+        a, b = _rows(xin, cin, conv=conv), _rows(t, cout, conv=conv)
         if bias is not None:
             b = b - bias.detach().double()
         h += a.T @ a
