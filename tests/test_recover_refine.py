@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import zsq
+from conftest import randomize_batchnorm
 from zsq.config import QuantConfig
 from zsq.errors import ConfigError
 from zsq.quant.modules import QUANT_LAYER_TYPES
@@ -23,7 +24,6 @@ class TinyMBConv(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        g = torch.Generator().manual_seed(0)
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
         self.expand = nn.Sequential(nn.Conv2d(8, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU6())
         self.dw = nn.Sequential(nn.Conv2d(24, 24, 3, padding=1, groups=24, bias=False), nn.BatchNorm2d(24),
@@ -31,11 +31,8 @@ class TinyMBConv(nn.Module):
         self.project = nn.Sequential(nn.Conv2d(24, 8, 1, bias=False), nn.BatchNorm2d(8))
         self.head = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
         self.fc = nn.Linear(16, 10)
-        for m in self.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                with torch.no_grad():
-                    m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                    m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+        with torch.no_grad():
+            randomize_batchnorm(self, torch.Generator().manual_seed(0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -56,7 +53,7 @@ def tiny():
     train = _inputs(32, 1)
     q = zsq.quantize(folded, QuantConfig(wbits=4, abits=8, act_estimator="percentile"))
     zsq.calibrate(q, train, progress=False)
-    return fp32, folded, q, train
+    return fp32, q, train
 
 
 def _unit(q, kind):
@@ -66,7 +63,7 @@ def _unit(q, kind):
 
 
 def test_which_layers_qualify(tiny):
-    _, _, q, _ = tiny
+    _, q, _ = tiny
     units = {u.name: u for u in find_units(q)}
     res = _unit(q, "residual")
     assert refinable(UnitRunner.for_unit(q, res), res.layers[-1]) is None  # the project conv before the shortcut
@@ -81,7 +78,7 @@ def test_which_layers_qualify(tiny):
 def test_refinement_lowers_the_unit_error_and_stays_between_floor_and_ceil(tiny, which):
     """From nearest rounding, the greedy flips lower the unit's error on the inputs they were computed on (the
     quadratic objective is exact up to the output quantizer), and every code stays floor or floor + 1."""
-    fp32, folded, q0, train = tiny
+    _, q0, train = tiny
     q = copy.deepcopy(q0)
     snap = {n: m.weight.detach().clone() for n, m in q.named_modules() if isinstance(m, QUANT_LAYER_TYPES)}
     units = find_units(q)
@@ -118,7 +115,7 @@ def test_refinement_lowers_the_unit_error_and_stays_between_floor_and_ceil(tiny,
 def test_brecq_with_refine(tiny):
     """``refine=True`` refines the qualifying units (and says why it skips the others), and on the learning
     inputs a refined unit ends no worse than the same run without refinement."""
-    fp32, _, q0, train = tiny
+    fp32, q0, train = tiny
     hold = _inputs(24, 2)
     reports = {}
     for refine in (False, True):

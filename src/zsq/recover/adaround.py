@@ -171,17 +171,25 @@ class LearnedRounding:
             wq = self.layer.weight_quantizer
             wq.scale.copy_(scale.reshape(wq.scale.shape))
             scale = wq._params()[0].to(scale.dtype).reshape(scale.shape)  # the stored value, as the quantizer sees it
-        w = (codes.to(scale.dtype) - self.zero) * scale
-        self.layer.weight.copy_(w.to(self.layer.weight.dtype))
-        got = self.layer.weight_quantizer.integer(self.layer.weight)
-        if not torch.equal(got, codes):  # would mean the quantizer's scale changed under us
-            raise ZsqError("baking the learned rounding failed: the weight quantizer does not reproduce the "
-                           f"learned codes ({int((got != codes).sum())} differ)")
+        write_codes(self.layer, codes, scale, self.zero, what="baking the learned rounding")
         return codes
 
     @property
     def numel(self) -> int:
         return self.v.numel()
+
+
+@torch.no_grad()
+def write_codes(layer: nn.Module, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *, what: str) -> None:
+    """Write integer ``codes`` (shaped like the weight) into ``layer``'s float weight as ``scale * (codes - zero)``,
+    the value the layer's own nearest-rounding quantizer maps back to exactly these codes, and check that it
+    does (``what`` names the caller in the error)."""
+    w = (codes.to(scale.dtype) - zero) * scale
+    layer.weight.copy_(w.to(layer.weight.dtype))
+    got = layer.weight_quantizer.integer(layer.weight)
+    if not torch.equal(got, codes.to(got.dtype)):  # would mean the quantizer's parameters changed under us
+        raise ZsqError(f"{what} failed: the weight quantizer does not reproduce the codes "
+                       f"({int((got != codes.to(got.dtype)).sum())} differ)")
 
 
 class StepLike(Protocol):

@@ -153,12 +153,12 @@ def run(ctx: "RecoverContext") -> list["UnitReport"]:
         for name, s in steps.items():
             old = float(s.s0)
             scales[name] = {"from": old, "to": s.write()}
+        info["changed_codes"] = diff / max(numel, 1)
         info["act_scales"] = scales
         if cfg.refine and unit.layers:
             last = unit.layers[-1]
             info["refine"] = refine_last_layer(runner, last, data.xq, data.yf, float_weight=ctx.float_weights[last],
                                                batch_size=cfg.eval_batch_size)
-        info["changed_codes"] = diff / max(numel, 1)
         return info
 
     def fisher(unit: Any, yf: torch.Tensor, fw: WeightFn) -> torch.Tensor:

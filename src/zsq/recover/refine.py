@@ -20,18 +20,16 @@ Only 1x1 convolutions (stride 1, no padding, one group) and linear layers qualif
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..errors import ZsqError
+from ..graph import ADD_TARGETS
 from ..quant.modules import QUANT_LAYER_TYPES, ActQuantizer
+from .adaround import write_codes
 from .blocks import UnitRunner
-
-_ADDS = (operator.add, operator.iadd, torch.add)
 
 
 def _layer_node(runner: UnitRunner, name: str) -> fx.Node | None:
@@ -55,35 +53,37 @@ def _only_adds_and_quantizers_after(runner: UnitRunner, node: fx.Node) -> bool:
         if not users:
             return False  # the layer's output leaves the unit other than through its output
         for u in users:
-            if u.op == "call_function" and u.target in _ADDS:
-                pass
-            elif u.op == "call_method" and u.target in ("add", "add_"):
-                pass
-            elif u.op == "call_module" and isinstance(runner.gm.get_submodule(str(u.target)), ActQuantizer):
-                pass
-            else:
+            is_add = u.op in ("call_function", "call_method") and u.target in ADD_TARGETS
+            if not (is_add or u.op == "call_module"
+                    and isinstance(runner.gm.get_submodule(str(u.target)), ActQuantizer)):
                 return False
             todo.append(u)
     return True
 
 
-def refinable(runner: UnitRunner, name: str) -> str | None:
-    """``None`` if layer ``name`` of the unit run by ``runner`` can be refined, else why not."""
+def _qualify(runner: UnitRunner, name: str) -> tuple[fx.Node | None, str | None]:
+    """(the layer's node, ``None``) if layer ``name`` of the unit run by ``runner`` can be refined, else
+    (``None``, why not)."""
     node = _layer_node(runner, name)
     if node is None:
-        return "the layer is not called exactly once in the unit"
+        return None, "the layer is not called exactly once in the unit"
     mod = runner.gm.get_submodule(name)
     if not isinstance(mod, QUANT_LAYER_TYPES) or not getattr(mod, "quant_enabled", True):
-        return "the layer is not quantized"
+        return None, "the layer is not quantized"
     if isinstance(mod, nn.Conv2d):
         if (mod.kernel_size != (1, 1) or mod.stride != (1, 1) or mod.groups != 1
                 or mod.padding not in ((0, 0), "valid")):
-            return "only 1x1 convolutions (stride 1, no padding, one group) and linear layers qualify"
+            return None, "only 1x1 convolutions (stride 1, no padding, one group) and linear layers qualify"
     elif not isinstance(mod, nn.Linear):
-        return "only 1x1 convolutions and linear layers qualify"
+        return None, "only 1x1 convolutions and linear layers qualify"
     if not _only_adds_and_quantizers_after(runner, node):
-        return "something other than an addition or an activation quantizer follows the layer in the unit"
-    return None
+        return None, "something other than an addition or an activation quantizer follows the layer in the unit"
+    return node, None
+
+
+def refinable(runner: UnitRunner, name: str) -> str | None:
+    """``None`` if layer ``name`` of the unit run by ``runner`` can be refined, else why not."""
+    return _qualify(runner, name)[1]
 
 
 def _rows(t: torch.Tensor, channels: int, *, conv: bool) -> torch.Tensor:
@@ -101,12 +101,11 @@ def refine_last_layer(runner: UnitRunner, name: str, x: torch.Tensor, target: to
     on the exact quadratic error (module docstring). ``float_weight`` is the layer's weight before
     quantization: the codes stay between ``floor`` and ``floor + 1`` of it. Writes the new codes into the
     layer's weight; returns what it did (``skipped`` with the reason when the layer does not qualify)."""
-    why = refinable(runner, name)
-    if why is not None:
+    node, why = _qualify(runner, name)
+    if node is None:
         return {"skipped": why}
-    node = _layer_node(runner, name)
-    assert node is not None
     mod = runner.gm.get_submodule(name)
+    conv = isinstance(mod, nn.Conv2d)
     wq = mod.weight_quantizer
     cin, cout = mod.weight.shape[1], mod.weight.shape[0]
     h = torch.zeros(cin, cin, dtype=torch.float64, device=x.device)
@@ -115,7 +114,6 @@ def refine_last_layer(runner: UnitRunner, name: str, x: torch.Tensor, target: to
     for i in range(0, x.shape[0], batch_size):
         xin, out, y = runner(x[i:i + batch_size], capture=[node.args[0], node, runner.output])
         t = out + (target[i:i + batch_size] - y)  # what the layer's output should have been
-        conv = isinstance(mod, nn.Conv2d)
         a, b = _rows(xin, cin, conv=conv), _rows(t, cout, conv=conv)
         if bias is not None:
             b = b - bias.detach().double()
@@ -125,8 +123,10 @@ def refine_last_layer(runner: UnitRunner, name: str, x: torch.Tensor, target: to
     s = s.double().reshape(-1, 1).expand(cout, 1)
     z = z.double().reshape(-1, 1).expand(cout, 1)
     qmin, qmax = wq.qrange
-    wf = float_weight.detach().double().reshape(cout, cin)
-    fl = torch.floor(wf / s) + z
+    wf = float_weight.detach().reshape(cout, cin)
+    # floor(W / s) in the weight's own precision, as LearnedRounding takes it (in float64 a W / s that is an
+    # integer in float32 can fall just below it, and its floor one step lower)
+    fl = torch.floor(wf / s.to(wf.dtype)).double() + z
     lo, hi = torch.clamp(fl, qmin, qmax), torch.clamp(fl + 1, qmin, qmax)  # AdaRound's two choices, clipped
     codes = wq.integer(mod.weight.detach()).double().reshape(cout, cin)
     codes = torch.where(codes <= lo, lo, hi)  # (codes are either already; a code outside snaps to the nearer)
@@ -159,11 +159,9 @@ def refine_last_layer(runner: UnitRunner, name: str, x: torch.Tensor, target: to
         passes += 1
     w = (codes - z) * s
     e1 = energy(w)
-    new = w.reshape(mod.weight.shape).to(mod.weight.dtype)
-    mod.weight.copy_(new)
-    got = wq.integer(mod.weight).double().reshape(cout, cin)
-    if not torch.equal(got, codes):  # pragma: no cover - would mean the quantizer's parameters moved
-        raise ZsqError(f"refining {name}: the weight quantizer does not reproduce the refined codes")
+    shape = mod.weight.shape
+    write_codes(mod, codes.reshape(shape).to(torch.int32), s.reshape(-1, *[1] * (len(shape) - 1)),
+                z.reshape(-1, *[1] * (len(shape) - 1)), what=f"refining {name}")
     return {"flips": flips, "share": flips / max(codes.numel(), 1), "passes": passes,
             "quadratic": [e0, e1]}
 
