@@ -45,15 +45,20 @@ def _inputs(n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, 3, 12, 12, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="module")
-def tiny():
+def quantized_tiny(abits: int = 8):
+    """The float TinyMBConv, its calibrated W4 quantization at ``abits`` and the 32 inputs it was calibrated on."""
     torch.manual_seed(0)
     fp32 = TinyMBConv().eval()
     folded, _ = zsq.fold_batchnorm(fp32)
     train = _inputs(32, 1)
-    q = zsq.quantize(folded, QuantConfig(wbits=4, abits=8, act_estimator="percentile"))
+    q = zsq.quantize(folded, QuantConfig(wbits=4, abits=abits, act_estimator="percentile"))
     zsq.calibrate(q, train, progress=False)
     return fp32, q, train
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return quantized_tiny()
 
 
 def _unit(q, kind):

@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recover-refine", action=argparse.BooleanOptionalAction, default=None,
                    help="brecq: after each block's reconstruction, improve its last layer's rounding by greedy "
                         "flips on the block's exact output error (default: see docs/recovery.md)")
+    g.add_argument("--recover-polish", type=_nonneg_int, default=None, metavar="N",
+                   help="after recovery, N steps tuning only the quantized layers' biases on the network's output "
+                        "KL to the float model over the learning inputs (default 0: off; docs/recovery.md)")
     g.add_argument("--recover-revert-worse", action=argparse.BooleanOptionalAction, default=None,
                    help="brecq: put a block back as it was when reconstruction raised its error on the learning "
                         "inputs (default: see docs/recovery.md)")
@@ -410,18 +413,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                              shifts=args.recover_shifts, shift_pixels=args.distill_jitter or None,
                              crops=args.recover_crops, revert_worse=args.recover_revert_worse,
                              anchor=args.recover_anchor, harden=args.recover_harden,
-                             refine=args.recover_refine,
+                             refine=args.recover_refine, polish=args.recover_polish,
                              # an explicit --act-estimator is kept through recovery
                              **({"act_estimator": None} if args.act_estimator is not None else {}))
     elif any(v is not None for v in (args.recover_iters, args.recover_batch_size, args.recover_lr,
                                      args.recover_drop_prob, args.recover_fisher, args.recover_mirror,
                                      args.recover_shifts, args.recover_input_drop, args.recover_crops,
                                      args.recover_revert_worse, args.recover_anchor, args.recover_harden,
-                                     args.recover_refine)):
+                                     args.recover_refine, args.recover_polish)):
         raise ConfigError("--recover-iters / --recover-batch-size / --recover-lr / --recover-drop-prob / "
                           "--recover-input-drop / --recover-fisher / --recover-mirror / --recover-shifts / "
                           "--recover-crops / --recover-revert-worse / --recover-anchor / --recover-harden / "
-                          "--recover-refine need "
+                          "--recover-refine / --recover-polish need "
                           "--recover adaround|brecq|finetune")
     cfg = RunConfig(model=args.model, weights=args.weights, quant=qcfg, distill=_distill_config(args), calib=calib,
                     calib_size=args.calib_size, eval=args.eval, eval_split=args.eval_split,

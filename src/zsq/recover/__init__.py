@@ -71,15 +71,15 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "adaround": {"iters": 200, "batch_size": 32, "lr": 3e-2, "act_lr": 1e-2, "learn_act_scale": False,
                  "drop_prob": 0.0, "learn_weight_scale": False, "learn_bias": False, "mirror": False, "shifts": 0,
                  "input_drop": 0.0, "crops": 0, "revert_worse": False, "anchor": 0.0,
-                 "harden": 0.0, "refine": False},
+                 "harden": 0.0, "refine": False, "polish": 0},
     "brecq": {"iters": 300, "batch_size": 32, "lr": 1e-2, "act_lr": 1e-2, "learn_act_scale": True,
               "drop_prob": 0.5, "learn_weight_scale": False, "learn_bias": False, "fisher": 0.0, "mirror": False,
               "shifts": 0, "input_drop": 0.0, "crops": 0, "revert_worse": False, "anchor": 0.0,
-              "harden": 0.0, "refine": False},
+              "harden": 0.0, "refine": False, "polish": 0},
     "finetune": {"iters": 600, "batch_size": 32, "lr": 1e-4, "act_lr": 1e-2, "learn_act_scale": True,
                  "drop_prob": 0.0, "learn_weight_scale": False, "learn_bias": False, "mirror": False, "shifts": 0,
                  "input_drop": 0.0, "crops": 0, "revert_worse": False, "anchor": 0.0,
-                 "harden": 0.0, "refine": False},
+                 "harden": 0.0, "refine": False, "polish": 0},
 }
 # For ImageNet-sized inputs (above LARGE_INPUT_PIXELS) one step costs ~50x a CIFAR step: smaller batches (and,
 # for adaround / finetune, fewer steps) keep EfficientNet-Lite0 within ~30 minutes on 2 CPU cores. BRECQ got
@@ -219,6 +219,9 @@ class RecoverConfig(_JsonMixin):
     linear layer followed by nothing but a shortcut addition and quantizers) by greedy one-flip coordinate
     descent on the exact quadratic error of the unit's output on the learning inputs, without QDrop
     (:func:`zsq.recover.refine.refine_last_layer`); codes stay between floor and floor + 1.
+    ``polish``: after the method, this many Adam steps on the whole network's output KL to the float model over
+    the learning inputs, training only the biases of the quantized layers (codes and ranges stay fixed;
+    :func:`zsq.recover.polish.polish_biases`), at ``polish_lr`` with a cosine decay; 0 (the default) is off.
     """
 
     method: str = "brecq"
@@ -255,6 +258,8 @@ class RecoverConfig(_JsonMixin):
     anchor_weighting: str = "uniform"
     harden: float | None = None
     refine: bool | None = None
+    polish: int | None = None
+    polish_lr: float = 1e-4
 
     def __post_init__(self) -> None:
         if self.act_estimator is not None and self.act_estimator not in ACT_ESTIMATORS:
@@ -302,6 +307,9 @@ class RecoverConfig(_JsonMixin):
             _pos_int(self.shift_pixels, "shift_pixels")
         self._brecq_only(self.revert_worse, "revert_worse")
         _opt_bool(self.refine, "refine")
+        if self.polish is not None:
+            _pos_int(self.polish, "polish", allow_zero=True)
+        _pos_float(self.polish_lr, "polish_lr")
         self._brecq_only(self.refine, "refine (greedy refinement of each block's last layer)")
         if self.crops is not None:
             _pos_int(self.crops, "crops", allow_zero=True)
@@ -403,6 +411,9 @@ class RecoverReport:
              f"{rounding_summary(self.changed_codes, self.undecided)}")
         if self.holdout_kl_before is not None and self.holdout_kl_after is not None:
             s += f"; held-apart KL {self.holdout_kl_before:.4g} -> {self.holdout_kl_after:.4g}"
+        pol = self.extra.get("polish") or {}
+        if pol.get("iterations"):
+            s += f"; bias polish {pol['iterations']} steps, KL {pol['kl_first']:.4g} -> {pol['kl_last']:.4g}"
         return s
 
 
@@ -562,6 +573,10 @@ def recover(
                 ref_h = ctx.teacher_logits(h)
                 kl_before = _mean_kl(ref_h, _quantized_logits(gm, h, cfg.eval_batch_size))
             unit_reports = _method_impl(cfg.method)(ctx)
+            if cfg.polish:
+                from .polish import polish_biases
+
+                ctx.extra["polish"] = polish_biases(ctx, iters=int(cfg.polish), lr=float(cfg.polish_lr))
             if h is not None:
                 kl_after = _mean_kl(ref_h, _quantized_logits(gm, h, cfg.eval_batch_size))
             changed, total, max_change = 0, 0, 0
