@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--cache", required=True, help="recovery_recipe.py --cache file with the distilled inputs")
     ap.add_argument("--variants", nargs="+", default=["iters=200,lr=1e-4"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--brecq-iters", type=int, default=None,
+                    help="BRECQ steps per unit (default: the recipe's; a small number only to try the script out)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     variants = [(v, parse_variant(v)) for v in args.variants]
@@ -75,7 +77,7 @@ def main() -> None:
     base_for = calibrated_bases(folded, x, wbits=4, abits=8, overrides=dict(FIRST_LAST_8),
                                 weight_estimator="minmax", depthwise_weight_estimator="output_mse")
     q = clone(base_for(WEIGHT_SCHEMES["recipe"][False]))
-    cfg = RecoverConfig(method="brecq", seed=args.seed)
+    cfg = RecoverConfig(method="brecq", seed=args.seed, iters=args.brecq_iters)
     t = time.perf_counter()
     recover(q, model, x, cfg, progress=False, holdout_inputs=hold)
     rows: list[dict] = []

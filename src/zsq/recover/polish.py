@@ -6,7 +6,7 @@ on the learning inputs. The polish (``RecoverConfig.polish``, ``--recover-polish
 the distillation loss ``T^2 * KL(softmax(z_fp / T) || softmax(z_q / T))`` of the whole quantized network (the
 same loss as :mod:`zsq.recover.finetune`) on the learning inputs, with everything fixed except the float biases
 of the quantized conv/linear layers: every integer weight code stays as recovery baked it, every activation
-range as it was. Biases are a few parameters per output channel (about 15 thousand in EfficientNet-Lite0
+range as it was. Biases are one parameter per output channel (about 22 thousand in EfficientNet-Lite0
 against 160 learning inputs times 1000 logits), stay float in the exported model (int32 in ONNX QDQ), and
 cost nothing at inference. The learning rate decays on a cosine from ``RecoverConfig.polish_lr`` to 0.
 """
