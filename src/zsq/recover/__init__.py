@@ -307,10 +307,10 @@ class RecoverConfig(_JsonMixin):
             _pos_int(self.shift_pixels, "shift_pixels")
         self._brecq_only(self.revert_worse, "revert_worse")
         _opt_bool(self.refine, "refine")
+        self._brecq_only(self.refine, "refine (greedy refinement of each block's last layer)")
         if self.polish is not None:
             _pos_int(self.polish, "polish", allow_zero=True)
         _pos_float(self.polish_lr, "polish_lr")
-        self._brecq_only(self.refine, "refine (greedy refinement of each block's last layer)")
         if self.crops is not None:
             _pos_int(self.crops, "crops", allow_zero=True)
         _in_range(self.crop_min_area, "crop_min_area", 0, 1, bounds="(]", words="a fraction ")
