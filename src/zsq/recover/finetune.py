@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ..quant.modules import ActQuantizer
 from .adaround import is_learnable
-from .blocks import LAYER_TYPES, Unit, UnitRunner, quantized_weight, unit_progress
+from .blocks import LAYER_TYPES, ActFn, Unit, UnitRunner, module_act, quantized_weight, unit_progress
 from .brecq import learnable_steps
 
 if TYPE_CHECKING:
@@ -48,6 +48,29 @@ def distillation_kl(logits: torch.Tensor, teacher: torch.Tensor, temperature: fl
     t = float(temperature)
     return F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher / t, dim=1), reduction="batchmean",
                     log_target=True) * (t * t)
+
+
+def cosine_lr(base: float, step: int, total: int) -> float:
+    """The learning rate at ``step`` of ``total`` on a cosine decay from ``base`` to 0."""
+    return base * 0.5 * (1.0 + math.cos(math.pi * step / total))
+
+
+def distillation_step(ctx: "RecoverContext", whole: UnitRunner, teacher: torch.Tensor, opt: torch.optim.Optimizer,
+                      base_lrs: list[float], *, step: int, total: int, act_fn: ActFn = module_act) -> float:
+    """One Adam step of :func:`distillation_kl` on the whole quantized network (``whole``), shared by fine-tuning
+    and the bias polish: each parameter group's learning rate on the cosine at ``step`` of ``total`` from its
+    ``base_lrs`` entry, a mini-batch of ``ctx.config.batch_size`` learning inputs drawn with ``ctx.generator``,
+    weights fake-quantized with straight-through rounding. Returns the step's loss."""
+    for g, lr in zip(opt.param_groups, base_lrs):
+        g["lr"] = cosine_lr(lr, step, total)
+    n = ctx.inputs.shape[0]
+    idx = torch.randperm(n, generator=ctx.generator)[:min(int(ctx.config.batch_size), n)].to(ctx.inputs.device)
+    loss = distillation_kl(whole(ctx.inputs[idx], weight_fn=quantized_weight, act_fn=act_fn), teacher[idx],
+                           ctx.config.temperature)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
 
 
 def unit_sensitivity(ctx: "RecoverContext", units: list[Unit]) -> dict[str, float]:
@@ -123,8 +146,6 @@ def run(ctx: "RecoverContext") -> list["UnitReport"]:
 
     total = max(1, int(cfg.iters))
     per_stage = [total // len(stages) + (1 if k < total % len(stages) else 0) for k in range(len(stages))]
-    n = ctx.inputs.shape[0]
-    bsz = min(cfg.batch_size, n)
     step = 0
     reports = []
     for k, (active, its) in enumerate(zip(stages, per_stage)):
@@ -141,15 +162,8 @@ def run(ctx: "RecoverContext") -> list["UnitReport"]:
         bar = unit_progress(range(its), desc=f"finetune {k + 1}/{len(stages)} {newest.name if len(stages) > 1 else ''}",
                             progress=ctx.progress)
         for _ in bar:
-            for g, lr in zip(opt.param_groups, base_lrs):
-                g["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
-            idx = torch.randperm(n, generator=ctx.generator)[:bsz].to(ctx.inputs.device)
-            logits = whole(ctx.inputs[idx], weight_fn=quantized_weight, act_fn=act_fn)
-            loss = distillation_kl(logits, teacher[idx], cfg.temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
+            losses.append(distillation_step(ctx, whole, teacher, opt, base_lrs, step=step, total=total,
+                                            act_fn=act_fn))
             step += 1
             if step % 25 == 0:
                 bar.set_postfix(kl=f"{losses[-1]:.4g}")
@@ -174,4 +188,4 @@ def run(ctx: "RecoverContext") -> list["UnitReport"]:
     return reports
 
 
-__all__ = ["distillation_kl", "unit_sensitivity", "run"]
+__all__ = ["cosine_lr", "distillation_kl", "distillation_step", "unit_sensitivity", "run"]

@@ -14,15 +14,14 @@ cost nothing at inference. The learning rate decays on a cosine from ``RecoverCo
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..quant.modules import QUANT_LAYER_TYPES
-from .blocks import UnitRunner, quantized_weight, unit_progress
-from .finetune import distillation_kl
+from .blocks import UnitRunner, unit_progress
+from .finetune import distillation_step
 
 if TYPE_CHECKING:
     from . import RecoverContext
@@ -38,7 +37,6 @@ def polish_biases(ctx: "RecoverContext", *, iters: int, lr: float) -> dict[str, 
     and last ten steps, and the largest change of any bias element. Parameters' ``requires_grad`` flags are
     restored, also after an exception (the caller restores the weights themselves then)."""
     gm = ctx.qmodel
-    cfg = ctx.config
     biases = {name: m.bias for name, m in gm.named_modules()
               if isinstance(m, QUANT_LAYER_TYPES) and m.bias is not None}
     if not biases or iters <= 0:
@@ -48,8 +46,6 @@ def polish_biases(ctx: "RecoverContext", *, iters: int, lr: float) -> dict[str, 
     teacher = ctx.teacher_logits(ctx.inputs)
     start = {name: b.detach().clone() for name, b in biases.items()}
     whole = UnitRunner.whole_model(gm)
-    n = ctx.inputs.shape[0]
-    bsz = min(int(cfg.batch_size), n)
     flags = {name: b.requires_grad for name, b in biases.items()}
     opt = torch.optim.Adam(list(biases.values()), lr=lr)
     losses: list[float] = []
@@ -59,15 +55,7 @@ def polish_biases(ctx: "RecoverContext", *, iters: int, lr: float) -> dict[str, 
         with torch.enable_grad():
             bar = unit_progress(range(iters), desc="polish biases", progress=ctx.progress)
             for step in bar:
-                for g in opt.param_groups:
-                    g["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / iters))
-                idx = torch.randperm(n, generator=ctx.generator)[:bsz].to(ctx.inputs.device)
-                loss = distillation_kl(whole(ctx.inputs[idx], weight_fn=quantized_weight), teacher[idx],
-                                       cfg.temperature)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
+                losses.append(distillation_step(ctx, whole, teacher, opt, [lr], step=step, total=iters))
                 if step % 25 == 0:
                     bar.set_postfix(kl=f"{losses[-1]:.4g}")
     finally:
