@@ -399,10 +399,26 @@ def test_recover_lr_must_be_positive(tmp_path, capsys):
                                   ("--recover-fisher", "0.5"), ("--recover-mirror",),
                                   ("--recover-shifts", "1"), ("--recover-input-drop", "0.5"),
                                   ("--recover-crops", "1"), ("--recover-revert-worse",), ("--recover-anchor", "0.1"),
-                                  ("--recover-harden", "0.5"), ("--recover-refine",), ("--recover-polish", "3")])
+                                  ("--recover-harden", "0.5"), ("--recover-harden-fallback",), ("--recover-refine",),
+                                  ("--recover-polish", "3")])
 def test_recover_options_without_recover(tmp_path, capsys, flag):
     rc, _, err = cli(capsys, "quantize", "tiny_cnn", *flag, "--out", tmp_path / "x", *FAST)
     assert rc == 2 and "--recover" in err and "Traceback" not in err
+
+
+def test_recover_harden_fallback_reaches_the_recipe(tmp_path, capsys):
+    out = tmp_path / "ok"
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--wbits", "4", "--recover", "brecq", "--recover-iters", "4",
+                     "--recover-harden", "0.5", "--recover-harden-fallback", "--out", out, *FAST)
+    assert rc == 0, err
+    assert report(out)["settings"]["recover"]["harden_fallback"] is True
+    # tiny_cnn's inputs are small: harden defaults to 0, so there is nothing to fall back from
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--recover", "brecq", "--recover-harden-fallback",
+                     "--out", tmp_path / "x", *FAST)
+    assert rc == 2 and "harden is 0" in err and "Traceback" not in err
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--recover", "finetune", "--recover-harden-fallback",
+                     "--out", tmp_path / "y", *FAST)
+    assert rc == 2 and "harden_fallback" in err and "Traceback" not in err
 
 
 def test_recover_drop_prob_out_of_range(tmp_path, capsys):

@@ -5,6 +5,7 @@ mixed precision, checkpoints and ONNX export. Everything runs on the tiny test m
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -872,3 +873,49 @@ def test_harden_bakes_what_the_last_steps_optimised(setup, recovered, method):
                 dict(method="finetune", harden=0.5)):
         with pytest.raises(ConfigError, match="harden"):
             RecoverConfig(**bad)
+
+
+@pytest.mark.parametrize("method", ["adaround", "brecq"])
+def test_harden_fallback_bakes_the_lower_of_the_two_roundings(setup, method, monkeypatch):
+    """``harden_fallback`` measures, per unit, the hardened rounding and the plain rounding of the soft variables
+    from when hardening began; the one baked is the lower, and the unit's error after (measured by the model's own
+    quantized forward) is exactly that one's. With hardening sabotaged (every variable fixed to the wrong side of
+    its rounding), units fall back, and the model still ends better than it started."""
+    import zsq.recover.adaround as ar
+
+    fp32, qmodel, train, holdout = setup
+    cfg = RecoverConfig(method=method, iters=ITERS, batch_size=16, harden=0.5, harden_fallback=True)
+    honest = recover(clone(qmodel), fp32, train, cfg, progress=False, holdout_inputs=holdout)
+    assert honest.config["harden_fallback"] is True
+    real_fix = ar.LearnedRounding.fix
+
+    def wrong_side(self, mask):
+        new = mask if self.fixed is None else mask & ~self.fixed
+        real_fix(self, mask)
+        self.fixed_up = torch.where(new, 1.0 - self.fixed_up, self.fixed_up)
+
+    monkeypatch.setattr(ar.LearnedRounding, "fix", wrong_side)
+    sabotaged = recover(clone(qmodel), fp32, train, cfg, progress=False, holdout_inputs=holdout)
+    monkeypatch.undo()
+    off = recover(clone(qmodel), fp32, train, dataclasses.replace(cfg, harden_fallback=False), progress=False,
+                  holdout_inputs=holdout)
+    kept = {}
+    for name, report in (("honest", honest), ("sabotaged", sabotaged)):
+        assert report.holdout_kl_after < report.holdout_kl_before
+        kept[name] = set()
+        for u in report.units if method == "brecq" else ():  # (adaround's are per layer, inside its units)
+            fb = u.info["harden_fallback"]
+            assert fb["kept"] == ("rounded" if fb["rounded"] < fb["hardened"] else "hardened"), (u.name, fb)
+            assert u.loss_after == pytest.approx(min(fb["hardened"], fb["rounded"]), rel=1e-4), u.name
+            kept[name].add(fb["kept"])
+    assert all("harden_fallback" not in u.info for u in off.units)
+    if method == "brecq":
+        assert "rounded" in kept["sabotaged"]
+        if kept["honest"] == {"hardened"}:  # nothing fell back: the same model as without the option
+            assert honest.holdout_kl_after == pytest.approx(off.holdout_kl_after, rel=1e-6)
+    for bad in (dict(harden_fallback=1), dict(method="finetune", harden_fallback=True)):
+        with pytest.raises(ConfigError, match="harden_fallback"):
+            RecoverConfig(**bad)
+    with pytest.raises(ConfigError, match="harden is 0"):  # nothing to fall back from
+        recover(clone(qmodel), fp32, train, RecoverConfig(method=method, iters=2, harden=0, harden_fallback=True),
+                progress=False)

@@ -251,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adaround/brecq: over the last F of each unit's steps, fix its roundings one share at a time, "
                         "the most decided first, so the rounding kept is the one the last steps optimised, "
                         "0 <= F < 1 (default " + _recover_defaults("harden") + "; docs/recovery.md)")
+    g.add_argument("--recover-harden-fallback", action=argparse.BooleanOptionalAction, default=None,
+                   help="adaround/brecq with hardening: keep, per unit, the rounding of the soft variables as they "
+                        "stood when hardening began if the hardened one has the higher error on the learning inputs "
+                        "(default: see docs/recovery.md)")
     g.add_argument("--recover-refine", action=argparse.BooleanOptionalAction, default=None,
                    help="brecq: after each block's reconstruction, improve its last layer's rounding by greedy "
                         "flips on the block's exact output error (default: see docs/recovery.md)")
@@ -413,17 +417,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                              shifts=args.recover_shifts, shift_pixels=args.distill_jitter or None,
                              crops=args.recover_crops, revert_worse=args.recover_revert_worse,
                              anchor=args.recover_anchor, harden=args.recover_harden,
-                             refine=args.recover_refine, polish=args.recover_polish,
+                             harden_fallback=args.recover_harden_fallback, refine=args.recover_refine,
+                             polish=args.recover_polish,
                              # an explicit --act-estimator is kept through recovery
                              **({"act_estimator": None} if args.act_estimator is not None else {}))
     elif any(v is not None for v in (args.recover_iters, args.recover_batch_size, args.recover_lr,
                                      args.recover_drop_prob, args.recover_fisher, args.recover_mirror,
                                      args.recover_shifts, args.recover_input_drop, args.recover_crops,
                                      args.recover_revert_worse, args.recover_anchor, args.recover_harden,
-                                     args.recover_refine, args.recover_polish)):
+                                     args.recover_harden_fallback, args.recover_refine, args.recover_polish)):
         raise ConfigError("--recover-iters / --recover-batch-size / --recover-lr / --recover-drop-prob / "
                           "--recover-input-drop / --recover-fisher / --recover-mirror / --recover-shifts / "
                           "--recover-crops / --recover-revert-worse / --recover-anchor / --recover-harden / "
+                          "--recover-harden-fallback / "
                           "--recover-refine / --recover-polish need "
                           "--recover adaround|brecq|finetune")
     cfg = RunConfig(model=args.model, weights=args.weights, quant=qcfg, distill=_distill_config(args), calib=calib,

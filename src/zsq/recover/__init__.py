@@ -71,15 +71,15 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "adaround": {"iters": 200, "batch_size": 32, "lr": 3e-2, "act_lr": 1e-2, "learn_act_scale": False,
                  "drop_prob": 0.0, "learn_weight_scale": False, "learn_bias": False, "mirror": False, "shifts": 0,
                  "input_drop": 0.0, "crops": 0, "revert_worse": False, "anchor": 0.0,
-                 "harden": 0.0, "refine": False, "polish": 0},
+                 "harden": 0.0, "harden_fallback": False, "refine": False, "polish": 0},
     "brecq": {"iters": 300, "batch_size": 32, "lr": 1e-2, "act_lr": 1e-2, "learn_act_scale": True,
               "drop_prob": 0.5, "learn_weight_scale": False, "learn_bias": False, "fisher": 0.0, "mirror": False,
               "shifts": 0, "input_drop": 0.0, "crops": 0, "revert_worse": False, "anchor": 0.0,
-              "harden": 0.0, "refine": False, "polish": 0},
+              "harden": 0.0, "harden_fallback": False, "refine": False, "polish": 0},
     "finetune": {"iters": 600, "batch_size": 32, "lr": 1e-4, "act_lr": 1e-2, "learn_act_scale": True,
                  "drop_prob": 0.0, "learn_weight_scale": False, "learn_bias": False, "mirror": False, "shifts": 0,
                  "input_drop": 0.0, "crops": 0, "revert_worse": False, "anchor": 0.0,
-                 "harden": 0.0, "refine": False, "polish": 0},
+                 "harden": 0.0, "harden_fallback": False, "refine": False, "polish": 0},
 }
 # For ImageNet-sized inputs (above LARGE_INPUT_PIXELS) one step costs ~50x a CIFAR step: smaller batches (and,
 # for adaround / finetune, fewer steps) keep EfficientNet-Lite0 within ~30 minutes on 2 CPU cores. BRECQ got
@@ -215,6 +215,10 @@ class RecoverConfig(_JsonMixin):
     regulariser's annealing can leave many variables undecided after few steps, and rounding them at the end
     throws much of the learned fit away (EfficientNet-Lite0 W4A8, ``_blocks.0``: error 1.5 with the soft
     roundings, 58 with the baked ones, 70 with nearest rounding; docs/recovery.md, session 26). 0: off.
+    ``harden_fallback`` (adaround, brecq; needs ``harden``): after each unit (layer, for adaround), bake the
+    progressively hardened rounding only if its error on the learning inputs (every quantizer on, no QDrop) is
+    not above that of rounding the soft variables as they stood when hardening began (with that moment's step
+    sizes); otherwise bake the latter. Costs two passes over the learning inputs per unit.
     ``refine`` (brecq): after each unit's reconstruction, improve the codes of its last layer (a 1x1 conv or
     linear layer followed by nothing but a shortcut addition and quantizers) by greedy one-flip coordinate
     descent on the exact quadratic error of the unit's output on the learning inputs, without QDrop
@@ -257,6 +261,7 @@ class RecoverConfig(_JsonMixin):
     anchor: float | None = None
     anchor_weighting: str = "uniform"
     harden: float | None = None
+    harden_fallback: bool | None = None
     refine: bool | None = None
     polish: int | None = None
     polish_lr: float = 1e-4
@@ -322,8 +327,10 @@ class RecoverConfig(_JsonMixin):
         if self.anchor_weighting not in ANCHOR_WEIGHTINGS:
             raise ConfigError(f"RecoverConfig.anchor_weighting={self.anchor_weighting!r} is not one of "
                               f"{', '.join(ANCHOR_WEIGHTINGS)}")
+        _opt_bool(self.harden_fallback, "harden_fallback")
         for name, what in (("anchor", "pulls learned roundings towards the float weights"),
-                           ("harden", "fixes learned roundings step by step")):
+                           ("harden", "fixes learned roundings step by step"),
+                           ("harden_fallback", "falls back from progressively hardened roundings")):
             if getattr(self, name) and self.method == "finetune":
                 raise ConfigError(f"{name} {what}; it is for method='adaround' or 'brecq', not 'finetune'")
         if self.unfreeze not in UNFREEZE:
@@ -540,6 +547,9 @@ def recover(
     gm = _check_model(qmodel)
     x = _check_inputs(calib_inputs, "calib_inputs")
     cfg = cfg.resolved(tuple(x.shape[-2:]) if x.dim() == 4 else None)  # (no input size: mirror's default is off)
+    if cfg.harden_fallback and not cfg.harden:
+        raise ConfigError("harden_fallback falls back from progressively hardened roundings, but harden is 0 for "
+                          "these inputs; set harden (e.g. 0.3, --recover-harden 0.3) or drop harden_fallback")
     x = _with_views(x, cfg)
     h = _check_inputs(holdout_inputs, "holdout_inputs") if holdout_inputs is not None else None
     if device is None:

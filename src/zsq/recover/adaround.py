@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
 import torch
@@ -32,7 +34,7 @@ import torch.nn as nn
 
 from ..errors import ZsqError
 from ..quant.modules import QUANT_LAYER_TYPES, ActQuantizer
-from .blocks import (UnitData, UnitRunner, float_weights, layer_tail, no_act, quantized_weight,
+from .blocks import (UnitData, UnitRunner, float_weights, layer_tail, mse, no_act, quantized_weight,
                      reconstruct_sequentially, reconstruction_loss, unit_progress)
 
 if TYPE_CHECKING:
@@ -270,10 +272,14 @@ def optimize_unit(
                             weighting=str(config.anchor_weighting))
     harden = float(config.harden or 0.0)
     harden_from = iters - max(1, round(harden * iters)) if harden > 0 and roundings else None
+    fallback = bool(config.harden_fallback) and harden_from is not None
+    before_hardening: _UnitState | None = None
     first = last = rec_v = reg_v = float("nan")
     bar = unit_progress(range(iters), desc=desc, progress=progress)
     for it in bar:
         if harden_from is not None and it >= harden_from:
+            if fallback and before_hardening is None:
+                before_hardening = _UnitState.capture(roundings, steps, biases)
             fix_most_decided(list(roundings.values()), (it - harden_from + 1) / (iters - harden_from))
         idx = torch.randperm(n, generator=generator)[:bsz].to(x.device)
         xb = x[idx]
@@ -304,12 +310,85 @@ def optimize_unit(
         if it % 25 == 0 or it == iters - 1:
             bar.set_postfix(rec=f"{rec_v:.4g}", reg=f"{reg_v:.4g}")
     info: dict[str, Any] = {"iterations": iters, "rec_first": first, "rec_last": last, "reg_last": reg_v}
+    if before_hardening is not None:
+        info["harden_fallback"] = _keep_better_rounding(runner, x, target, roundings, steps, biases,
+                                                        before_hardening, batch_size=int(config.eval_batch_size))
     if roundings:
         with torch.no_grad():
             h = torch.cat([r.h().flatten() for r in roundings.values()])
             info["undecided"] = float(((h > UNDECIDED_LOW) & (h < 1.0 - UNDECIDED_LOW)).float().mean())
             info["rounding_variables"] = int(h.numel())
     return info
+
+
+@dataclass
+class _UnitState:
+    """What :func:`optimize_unit` learns for one unit, copied: rounding variables (and which are fixed),
+    learned weight scales, activation step sizes and biases."""
+
+    v: list[torch.Tensor]
+    fixed: list[tuple[torch.Tensor, torch.Tensor] | None]
+    params: list[torch.Tensor]
+
+    @staticmethod
+    def _params(roundings: Mapping[str, LearnedRounding], steps: Mapping[str, StepLike],
+                biases: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return ([p for r in roundings.values() for p in r.scale_parameters()]
+                + [p for s in steps.values() for p in s.parameters()] + list(biases))
+
+    @classmethod
+    @torch.no_grad()
+    def capture(cls, roundings: Mapping[str, LearnedRounding], steps: Mapping[str, StepLike],
+                biases: Sequence[torch.Tensor]) -> "_UnitState":
+        return cls(v=[r.v.detach().clone() for r in roundings.values()],
+                   fixed=[None if r.fixed is None else (r.fixed.clone(), r.fixed_up.clone())  # type: ignore[union-attr]
+                          for r in roundings.values()],
+                   params=[p.detach().clone() for p in cls._params(roundings, steps, biases)])
+
+    @torch.no_grad()
+    def restore(self, roundings: Mapping[str, LearnedRounding], steps: Mapping[str, StepLike],
+                biases: Sequence[torch.Tensor]) -> None:
+        for r, v, fixed in zip(roundings.values(), self.v, self.fixed):
+            r.v.copy_(v)
+            r.fixed, r.fixed_up = (None, None) if fixed is None else (fixed[0].clone(), fixed[1].clone())
+        for p, saved in zip(self._params(roundings, steps, biases), self.params):
+            p.copy_(saved)
+
+
+@torch.no_grad()
+def _hard_error(runner: UnitRunner, x: torch.Tensor, target: torch.Tensor, roundings: Mapping[str, LearnedRounding],
+                steps: Mapping[str, StepLike], *, batch_size: int) -> float:
+    """The unit's error (per-element MSE) on ``x`` with the hard roundings of ``roundings`` and the step sizes of
+    ``steps``, every quantizer on and no QDrop: what the unit's error will be once they are baked."""
+    def weight_fn(name: str, mod: nn.Module) -> torch.Tensor:
+        r = roundings.get(name)
+        if r is None:
+            return quantized_weight(name, mod)
+        return ((r.codes().to(r.floor.dtype) - r.zero) * r.current_scale()).to(mod.weight.dtype)
+
+    def act_fn(name: str, mod: ActQuantizer, t: torch.Tensor) -> torch.Tensor:
+        s = steps.get(name)
+        return s(t) if s is not None else mod(t)
+
+    return mse(runner.batched(x, batch_size=batch_size, weight_fn=weight_fn, act_fn=act_fn), target)
+
+
+def _keep_better_rounding(runner: UnitRunner, x: torch.Tensor, target: torch.Tensor,
+                          roundings: Mapping[str, LearnedRounding], steps: Mapping[str, StepLike],
+                          biases: Sequence[torch.Tensor], before: _UnitState, *, batch_size: int) -> dict[str, Any]:
+    """``RecoverConfig.harden_fallback``: keep whichever is lower on the unit's learning inputs, the progressively
+    hardened rounding (the current state) or the plain rounding of the soft variables as they stood when hardening
+    began (``before``, with that moment's step sizes, scales and biases). Returns both errors, the choice and the
+    seconds the two passes took."""
+    t0 = time.perf_counter()
+    hardened = _hard_error(runner, x, target, roundings, steps, batch_size=batch_size)
+    after = _UnitState.capture(roundings, steps, biases)
+    before.restore(roundings, steps, biases)
+    rounded = _hard_error(runner, x, target, roundings, steps, batch_size=batch_size)
+    kept = "rounded" if rounded < hardened else "hardened"
+    if kept == "hardened":
+        after.restore(roundings, steps, biases)
+    return {"hardened": hardened, "rounded": rounded, "kept": kept, "seconds": time.perf_counter() - t0}
 
 
 @torch.no_grad()

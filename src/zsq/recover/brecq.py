@@ -173,6 +173,10 @@ def run(ctx: "RecoverContext") -> list["UnitReport"]:
         reports.append(UnitReport.from_sequential(res, iterations=int(res.info.get("iterations", 0))))
         log.info("brecq %s (%s): MSE %.4g -> %.4g in %.1fs", res.unit.name, res.unit.kind, res.mse_before,
                  res.mse_after, res.seconds)
+        fb = res.info.get("harden_fallback")
+        if fb and fb["kept"] == "rounded":
+            log.info("brecq %s: the hardened rounding's error %.4g is above %.4g, the rounding from before hardening; "
+                     "kept that one (harden_fallback)", res.unit.name, fb["hardened"], fb["rounded"])
     return reports
 
 
