@@ -8,7 +8,9 @@ can be judged on the very models the CLI produces. Per checkpoint it prints and 
 * ``holdout_kl``: mean KL(softmax(FP32) || softmax(quantized)) over the last ``--holdout`` images (the selection
   signal);
 * ``top1_rest`` and ``top1_fp32_rest``: top-1 of the quantized and the FP32 model on the images before them
-  (record only).
+  (record only); ``top1_all`` and ``kl_all`` over the whole sample, as ``zsq quantize --eval`` reports them.
+
+Both parts go through :func:`zsq.evaluate.compare`, the evaluation the CLI runs.
 
     PYTHONPATH=src .venv/bin/python benchmarks/cli_holdout.py runs/a runs/b --holdout 64 --out runs/holdout.json
 """
@@ -19,21 +21,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from zsq.checkpoint import load_quantized, read_config
 from zsq.data import load_dataset
-from zsq.metrics import kl_divergence
+from zsq.evaluate import compare
 from zsq.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recovery import MODELS  # noqa: E402
-
-
-@torch.no_grad()
-def _logits(model: torch.nn.Module, x: torch.Tensor, batch: int = 50) -> torch.Tensor:
-    return torch.cat([model(x[i:i + batch]) for i in range(0, x.shape[0], batch)])
 
 
 def main() -> None:
@@ -45,35 +43,29 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    fp_cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    loaded: dict[str, tuple[torch.nn.Module, Any, Any]] = {}  # model -> (FP32, images before, held-apart images)
     for d in args.checkpoints:
         name = read_config(d)["model"]
         if name not in MODELS:
             raise SystemExit(f"{d}: model {name!r} has no evaluation sample here (known: {', '.join(MODELS)})")
-        if name not in fp_cache:
+        if name not in loaded:
             weights, data_path = MODELS[name]
             if not data_path.exists():
                 raise SystemExit(f"{data_path} not found: the evaluation sample is needed (../shared/ASSETS.md)")
             fp32, spec = load_model(name, weights=weights)
-            fp32.eval()
-            ds = load_dataset(data_path, spec.preprocessing)
-            n_rest = len(ds) - args.holdout
+            n_rest = len(load_dataset(data_path, spec.preprocessing)) - args.holdout
             if n_rest <= 0:
-                raise SystemExit(f"--holdout {args.holdout}: the sample has only {len(ds)} images")
-            x = torch.stack([img for img, _ in ds])
-            y = torch.tensor([int(lbl) for _, lbl in ds])
-            fp_cache[name] = (x, y, _logits(fp32, x))
-        x, y, fp = fp_cache[name]
+                raise SystemExit(f"--holdout {args.holdout}: the sample has only {n_rest + args.holdout} images")
+            loaded[name] = (fp32, load_dataset(data_path, spec.preprocessing, subset=slice(0, n_rest)),
+                            load_dataset(data_path, spec.preprocessing, subset=slice(n_rest, None)))
+        fp32, rest_ds, hold_ds = loaded[name]
         q, _, _ = load_quantized(d)
-        q.eval()
-        ql = _logits(q, x)
-        n_rest = x.shape[0] - args.holdout
-        row = {"checkpoint": str(d), "model": name, "holdout": args.holdout,
-               "holdout_kl": float(kl_divergence(fp[n_rest:], ql[n_rest:]).mean()),
-               "top1_rest": 100.0 * float((ql[:n_rest].argmax(1) == y[:n_rest]).float().mean()),
-               "top1_fp32_rest": 100.0 * float((fp[:n_rest].argmax(1) == y[:n_rest]).float().mean()),
-               "top1_all": 100.0 * float((ql.argmax(1) == y).float().mean()),
-               "kl_all": float(kl_divergence(fp, ql).mean())}
+        rest, hold = (compare(fp32, q, ds, progress=False) for ds in (rest_ds, hold_ds))
+        n = rest["n"] + hold["n"]
+        row = {"checkpoint": str(d), "model": name, "holdout": hold["n"], "holdout_kl": hold["kl"],
+               "top1_rest": rest["quantized"]["top1"], "top1_fp32_rest": rest["fp32"]["top1"],
+               "top1_all": (rest["quantized"]["top1"] * rest["n"] + hold["quantized"]["top1"] * hold["n"]) / n,
+               "kl_all": (rest["kl"] * rest["n"] + hold["kl"] * hold["n"]) / n}
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:

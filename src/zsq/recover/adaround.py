@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from ..errors import ZsqError
 from ..quant.modules import QUANT_LAYER_TYPES, ActQuantizer
-from .blocks import (UnitData, UnitRunner, float_weights, layer_tail, mse, no_act, quantized_weight,
+from .blocks import (ActFn, UnitData, UnitRunner, float_weights, layer_tail, mse, no_act, quantized_weight,
                      reconstruct_sequentially, reconstruction_loss, unit_progress)
 
 if TYPE_CHECKING:
@@ -147,6 +147,11 @@ class LearnedRounding:
         q = torch.clamp(self.floor + self.h() + self.zero, self.qmin, self.qmax)
         return (q - self.zero) * self.current_scale()
 
+    @torch.no_grad()
+    def hard_weight(self) -> torch.Tensor:
+        """The weight the learned codes stand for, ``(codes - z) * s``: what :meth:`bake` will write."""
+        return (self.codes().to(self.floor.dtype) - self.zero) * self.current_scale()
+
     def regularizer(self, beta: float) -> torch.Tensor:
         return rounding_regularizer(self.h(), beta)
 
@@ -198,6 +203,16 @@ class StepLike(Protocol):
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def parameters(self) -> list[torch.Tensor]: ...
+
+
+def step_act(steps: Mapping[str, StepLike]) -> ActFn:
+    """An ``act_fn`` for :class:`~zsq.recover.blocks.UnitRunner`: the learned step size in ``steps`` where an
+    activation quantizer has one, the quantizer itself otherwise."""
+    def act_fn(name: str, mod: ActQuantizer, t: torch.Tensor) -> torch.Tensor:
+        s = steps.get(name)
+        return s(t) if s is not None else mod(t)
+
+    return act_fn
 
 
 def _cosine(lr: float, step: int, total: int) -> float:
@@ -260,9 +275,10 @@ def optimize_unit(
         r = roundings.get(name)
         return r.soft_weight() if r is not None else quantized_weight(name, mod)
 
+    learned_act = step_act(steps)
+
     def act_fn(name: str, mod: ActQuantizer, t: torch.Tensor) -> torch.Tensor:
-        s = steps.get(name)
-        out = s(t) if s is not None else mod(t)
+        out = learned_act(name, mod, t)
         if drop > 0 and mod.enabled:
             keep_float = torch.rand(t.shape, generator=generator).to(t.device) < drop
             out = torch.where(keep_float, t, out)
@@ -362,15 +378,9 @@ def _hard_error(runner: UnitRunner, x: torch.Tensor, target: torch.Tensor, round
     ``steps``, every quantizer on and no QDrop: what the unit's error will be once they are baked."""
     def weight_fn(name: str, mod: nn.Module) -> torch.Tensor:
         r = roundings.get(name)
-        if r is None:
-            return quantized_weight(name, mod)
-        return ((r.codes().to(r.floor.dtype) - r.zero) * r.current_scale()).to(mod.weight.dtype)
+        return r.hard_weight().to(mod.weight.dtype) if r is not None else quantized_weight(name, mod)
 
-    def act_fn(name: str, mod: ActQuantizer, t: torch.Tensor) -> torch.Tensor:
-        s = steps.get(name)
-        return s(t) if s is not None else mod(t)
-
-    return mse(runner.batched(x, batch_size=batch_size, weight_fn=weight_fn, act_fn=act_fn), target)
+    return mse(runner.batched(x, batch_size=batch_size, weight_fn=weight_fn, act_fn=step_act(steps)), target)
 
 
 def _keep_better_rounding(runner: UnitRunner, x: torch.Tensor, target: torch.Tensor,
@@ -539,4 +549,4 @@ def run(ctx: "RecoverContext") -> list["UnitReport"]:
 
 
 __all__ = ["ZETA", "GAMMA", "rectified_sigmoid", "inverse_rectified_sigmoid", "rounding_regularizer", "beta_at",
-           "LearnedRounding", "optimize_unit", "is_learnable", "changed_codes", "run"]
+           "LearnedRounding", "optimize_unit", "is_learnable", "changed_codes", "step_act", "run"]

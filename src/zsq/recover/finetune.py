@@ -32,8 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..quant.modules import ActQuantizer
-from .adaround import is_learnable
+from .adaround import is_learnable, step_act
 from .blocks import LAYER_TYPES, ActFn, Unit, UnitRunner, module_act, quantized_weight, unit_progress
 from .brecq import learnable_steps
 
@@ -140,10 +139,7 @@ def run(ctx: "RecoverContext") -> list["UnitReport"]:
     opt = torch.optim.Adam(groups)
     base_lrs = [g["lr"] for g in opt.param_groups]
 
-    def act_fn(name: str, mod: ActQuantizer, t: torch.Tensor) -> torch.Tensor:
-        s = all_steps.get(name)
-        return s(t) if s is not None else mod(t)
-
+    act_fn = step_act(all_steps)
     total = max(1, int(cfg.iters))
     per_stage = [total // len(stages) + (1 if k < total % len(stages) else 0) for k in range(len(stages))]
     step = 0
