@@ -400,6 +400,7 @@ def test_recover_lr_must_be_positive(tmp_path, capsys):
                                   ("--recover-shifts", "1"), ("--recover-input-drop", "0.5"),
                                   ("--recover-crops", "1"), ("--recover-revert-worse",), ("--recover-anchor", "0.1"),
                                   ("--recover-harden", "0.5"), ("--recover-harden-fallback",), ("--recover-refine",),
+                                  ("--recover-harden-average", "0.9"), ("--recover-sampling", "epochs"),
                                   ("--recover-polish", "3")])
 def test_recover_options_without_recover(tmp_path, capsys, flag):
     rc, _, err = cli(capsys, "quantize", "tiny_cnn", *flag, "--out", tmp_path / "x", *FAST)
@@ -448,3 +449,20 @@ def test_recover_options_reach_the_recipe(tmp_path, capsys, flag, key, value):
                      *flag, "--out", out, *FAST)
     assert rc == 0, err
     assert report(out)["settings"]["recover"][key] == value
+
+
+def test_recover_harden_average_and_sampling_reach_the_recipe(tmp_path, capsys):
+    out = tmp_path / "ok"
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--wbits", "4", "--recover", "brecq", "--recover-iters", "4",
+                     "--recover-harden", "0.5", "--recover-harden-average", "0.9", "--recover-sampling", "epochs",
+                     "--out", out, *FAST)
+    assert rc == 0, err
+    settings = report(out)["settings"]["recover"]
+    assert settings["harden_average"] == 0.9 and settings["sampling"] == "epochs"
+    for args, words in ((("--recover-harden-average", "0.9"), "harden is 0"),  # tiny_cnn's default harden is 0
+                        (("--recover-harden-average", "1.5"), "harden_average")):
+        rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--recover", "brecq", *args, "--out", tmp_path / "x", *FAST)
+        assert rc == 2 and words in err and "Traceback" not in err, err
+    with pytest.raises(SystemExit) as exc:  # argparse's own one-line error
+        cli(capsys, "quantize", "tiny_cnn", "--recover", "brecq", "--recover-sampling", "shuffle", *FAST)
+    assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 import zsq
 from zsq.config import LayerOverride, QuantConfig
-from zsq.errors import ConfigError, NotCalibratedError
+from zsq.errors import ConfigError, NotCalibratedError, ZsqError
 from zsq.models import load_model
 from zsq.quant import primitives as P
 from zsq.quant.modules import QUANT_LAYER_TYPES, ActQuantizer
@@ -21,7 +21,7 @@ from zsq.recover import (METHODS, RecoverConfig, find_units, method_defaults, re
                          zoomed_views)
 from zsq.recover.adaround import (GAMMA, ZETA, LearnedRounding, beta_at, fix_most_decided, is_learnable,
                                   inverse_rectified_sigmoid, rectified_sigmoid, rounding_regularizer)
-from zsq.recover.blocks import UnitRunner, fisher_weights, float_weights, no_act, reconstruction_loss
+from zsq.recover.blocks import UnitRunner, batch_indices, fisher_weights, float_weights, no_act, reconstruction_loss
 from zsq.recover.brecq import lsq_fake_quantize
 
 ITERS = 40
@@ -919,3 +919,126 @@ def test_harden_fallback_bakes_the_lower_of_the_two_roundings(setup, method, mon
     with pytest.raises(ConfigError, match="harden is 0"):  # nothing to fall back from
         recover(clone(qmodel), fp32, train, RecoverConfig(method=method, iters=2, harden=0, harden_fallback=True),
                 progress=False)
+
+
+def test_batch_indices_random_and_epochs():
+    """``sampling="random"`` is the stream of ``randperm(n)[:bsz]`` (what every recipe before it drew);
+    ``"epochs"`` sees every row equally often over whole passes, and both are reproducible under a seed."""
+    n, bsz, steps = 10, 4, 15  # 60 rows drawn: exactly 6 passes over 10
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    rand = batch_indices(n, bsz, "random", g1)
+    for _ in range(steps):
+        assert torch.equal(next(rand), torch.randperm(n, generator=g2)[:bsz])
+    for sampling in ("random", "epochs"):
+        runs = []
+        for _ in range(2):
+            it = batch_indices(n, bsz, sampling, torch.Generator().manual_seed(7))
+            runs.append(torch.stack([next(it) for _ in range(steps)]))
+        assert torch.equal(runs[0], runs[1]) and runs[0].shape == (steps, bsz)
+        if sampling == "epochs":
+            counts = torch.bincount(runs[0].flatten(), minlength=n)
+            assert bool((counts == steps * bsz // n).all()), counts
+            assert sorted(runs[0].flatten()[:n].tolist()) == list(range(n))  # the first pass is a permutation
+    with pytest.raises(ZsqError, match="sampling"):
+        next(batch_indices(n, bsz, "sequential", torch.Generator()))
+
+
+def test_fix_most_decided_follows_given_values():
+    """With ``values`` (``harden_average``'s moving average) the ranking and each variable's side come from them,
+    not from ``V``."""
+    torch.manual_seed(0)
+    layer = zsq.quantize(nn.Sequential(nn.Conv2d(3, 4, 3)), QuantConfig(wbits=4, abits=8)).get_submodule("0")
+    r = LearnedRounding(layer)
+    with torch.no_grad():
+        r.v.copy_(torch.randn_like(r.v))
+    avg = -r.v.detach().clone()  # every average on the other side of 0, equally decided
+    fix_most_decided([r], 1.0, [avg])
+    assert torch.equal(r.fixed_up, (avg >= 0).to(r.fixed_up.dtype))
+    r2 = LearnedRounding(layer)
+    with torch.no_grad():
+        r2.v.copy_(torch.randn_like(r2.v))
+    ranks = torch.linspace(-3, 3, r2.v.numel()).reshape(r2.v.shape)  # the ends are the most decided
+    fix_most_decided([r2], 0.2, [ranks])
+    assert ranks[r2.fixed].abs().min() >= ranks[~r2.fixed].abs().max()
+    with pytest.raises(ZsqError, match="value tensors"):
+        fix_most_decided([r2], 0.5, [])
+
+
+@pytest.mark.parametrize("method", ["adaround", "brecq"])
+def test_harden_average_and_epoch_sampling(setup, method):
+    """Both options run end to end, keep every rounding within one step of nearest and lower the held-apart KL, are
+    reproducible, and change the result (so they are wired in); bad values are refused with the field's name."""
+    fp32, qmodel, train, holdout = setup
+    base = RecoverConfig(method=method, iters=ITERS, batch_size=16, harden=0.5)
+    kl = {}
+    for name, cfg in (("base", base), ("avg", dataclasses.replace(base, harden_average=0.9)),
+                      ("epochs", dataclasses.replace(base, sampling="epochs"))):
+        q = clone(qmodel)
+        before = {n: m.weight.detach().clone() for n, m in q.named_modules() if isinstance(m, QUANT_LAYER_TYPES)}
+        rep = recover(q, fp32, train, cfg, progress=False, holdout_inputs=holdout)
+        assert rep.holdout_kl_after < rep.holdout_kl_before and rep.undecided == 0.0
+        for n, m in q.named_modules():
+            if is_learnable(m):
+                wq = m.weight_quantizer
+                assert int((wq.integer(m.weight.detach()) - wq.integer(before[n])).abs().max()) <= 1, n
+        kl[name] = rep.holdout_kl_after
+    both = dataclasses.replace(base, harden_average=0.9, sampling="epochs")
+    once = recover(clone(qmodel), fp32, train, both, progress=False, holdout_inputs=holdout)
+    twice = recover(clone(qmodel), fp32, train, both, progress=False, holdout_inputs=holdout)
+    assert once.holdout_kl_after == twice.holdout_kl_after  # seeded
+    assert kl["avg"] != kl["base"] and kl["epochs"] != kl["base"]
+    for bad in (dict(harden_average=1.0), dict(harden_average=-0.1), dict(harden_average=True),
+                dict(method="finetune", harden_average=0.5)):
+        with pytest.raises(ConfigError, match="harden_average"):
+            RecoverConfig(**bad)
+    with pytest.raises(ConfigError, match="sampling"):
+        RecoverConfig(sampling="shuffle")
+    with pytest.raises(ConfigError, match="harden is 0"):
+        recover(clone(qmodel), fp32, train, RecoverConfig(method=method, iters=2, harden=0, harden_average=0.9),
+                progress=False)
+
+
+def test_finetune_with_epoch_sampling(setup):
+    fp32, qmodel, train, holdout = setup
+    rep = recover(clone(qmodel), fp32, train, RecoverConfig(method="finetune", iters=6, batch_size=16,
+                                                           sampling="epochs", unfreeze="all"),
+                  progress=False, holdout_inputs=holdout)
+    assert rep.config["sampling"] == "epochs" and rep.holdout_kl_after < rep.holdout_kl_before
+
+
+def test_channels_last_reconstruction_matches_the_contiguous_one(setup):
+    """``channels_last`` changes the memory layout only: BRECQ (with QDrop, whose masks must follow the layout) ends
+    with the same codes as on contiguous inputs but for float rounding, and every unit's cached inputs are
+    channels-last while it learns."""
+    import zsq.recover.brecq as brecq_mod
+
+    fp32, qmodel, train, holdout = setup
+    cfg = RecoverConfig(method="brecq", iters=ITERS, batch_size=16, drop_prob=0.5)
+    seen = []
+    real = brecq_mod.optimize_unit
+
+    def spy(runner, x, target, **kw):
+        seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return real(runner, x, target, **kw)
+
+    results = {}
+    for layout in (True, False):
+        q = clone(qmodel)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(brecq_mod, "optimize_unit", spy)
+            rep = recover(q, fp32, train, dataclasses.replace(cfg, channels_last=layout), progress=False,
+                          holdout_inputs=holdout)
+        results[layout] = (rep, q)
+        assert seen and all(s is layout for s in seen[:-1]), seen  # (the last unit's input is the flat features)
+        seen.clear()
+    (cl, q_cl), (nchw, q_nchw) = results[True], results[False]
+    assert cl.holdout_kl_after == pytest.approx(nchw.holdout_kl_after, rel=0.05)
+    differ = total = 0
+    for n, m in q_cl.named_modules():
+        if is_learnable(m):
+            a = m.weight_quantizer.integer(m.weight.detach())
+            b = q_nchw.get_submodule(n).weight_quantizer.integer(q_nchw.get_submodule(n).weight.detach())
+            differ, total = differ + int((a != b).sum()), total + a.numel()
+    assert differ <= 0.02 * total, (differ, total)
+    with pytest.raises(ConfigError, match="channels_last"):
+        RecoverConfig(channels_last=1)

@@ -132,10 +132,14 @@ def _recover_defaults(key: str) -> str:
     for a --recover-* flag's help: "adaround 32 (16 for inputs larger than 128x128 pixels), brecq ..."."""
     from .recover import METHODS, method_defaults
 
+    def fmt(v: object) -> str:
+        return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
     parts = []
     for m in METHODS:
         small, large = method_defaults(m)[key], method_defaults(m, (224, 224))[key]  # CIFAR- / ImageNet-sized
-        parts.append(f"{m} {small:g}" + (f" ({large:g} for inputs larger than 128x128 pixels)" if large != small else ""))
+        parts.append(f"{m} {fmt(small)}"
+                     + (f" ({fmt(large)} for inputs larger than 128x128 pixels)" if large != small else ""))
     return ", ".join(parts)
 
 
@@ -255,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adaround/brecq with hardening: keep, per unit, the rounding of the soft variables as they "
                         "stood when hardening began if the hardened one has the higher error on the learning inputs "
                         "(default: see docs/recovery.md)")
+    g.add_argument("--recover-harden-average", type=float, default=None, metavar="D",
+                   help="adaround/brecq with hardening: rank and fix roundings by a moving average of their variables "
+                        "(decay D, 0 <= D < 1) instead of their value after the last mini-batch (default "
+                        + _recover_defaults("harden_average") + "; docs/recovery.md)")
+    g.add_argument("--recover-sampling", choices=("random", "epochs"), default=None,
+                   help="mini-batches of the learning inputs: 'random' (drawn anew each step) or 'epochs' (shuffled "
+                        "passes, every input seen equally often) (default " + _recover_defaults("sampling") + ")")
     g.add_argument("--recover-refine", action=argparse.BooleanOptionalAction, default=None,
                    help="brecq: after each block's reconstruction, improve its last layer's rounding by greedy "
                         "flips on the block's exact output error (default: see docs/recovery.md)")
@@ -417,7 +428,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                              shifts=args.recover_shifts, shift_pixels=args.distill_jitter or None,
                              crops=args.recover_crops, revert_worse=args.recover_revert_worse,
                              anchor=args.recover_anchor, harden=args.recover_harden,
-                             harden_fallback=args.recover_harden_fallback, refine=args.recover_refine,
+                             harden_fallback=args.recover_harden_fallback,
+                             harden_average=args.recover_harden_average, sampling=args.recover_sampling,
+                             refine=args.recover_refine,
                              polish=args.recover_polish,
                              # an explicit --act-estimator is kept through recovery
                              **({"act_estimator": None} if args.act_estimator is not None else {}))
@@ -425,11 +438,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                      args.recover_drop_prob, args.recover_fisher, args.recover_mirror,
                                      args.recover_shifts, args.recover_input_drop, args.recover_crops,
                                      args.recover_revert_worse, args.recover_anchor, args.recover_harden,
-                                     args.recover_harden_fallback, args.recover_refine, args.recover_polish)):
+                                     args.recover_harden_fallback, args.recover_harden_average,
+                                     args.recover_sampling, args.recover_refine, args.recover_polish)):
         raise ConfigError("--recover-iters / --recover-batch-size / --recover-lr / --recover-drop-prob / "
                           "--recover-input-drop / --recover-fisher / --recover-mirror / --recover-shifts / "
                           "--recover-crops / --recover-revert-worse / --recover-anchor / --recover-harden / "
-                          "--recover-harden-fallback / "
+                          "--recover-harden-fallback / --recover-harden-average / --recover-sampling / "
                           "--recover-refine / --recover-polish need "
                           "--recover adaround|brecq|finetune")
     cfg = RunConfig(model=args.model, weights=args.weights, quant=qcfg, distill=_distill_config(args), calib=calib,

@@ -71,15 +71,18 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "adaround": {"iters": 200, "batch_size": 32, "lr": 3e-2, "act_lr": 1e-2, "learn_act_scale": False,
                  "drop_prob": 0.0, "learn_weight_scale": False, "learn_bias": False, "mirror": False, "shifts": 0,
                  "input_drop": 0.0, "crops": 0, "revert_worse": False, "anchor": 0.0,
-                 "harden": 0.0, "harden_fallback": False, "refine": False, "polish": 0},
+                 "harden": 0.0, "harden_fallback": False, "harden_average": 0.0, "sampling": "random",
+                 "refine": False, "polish": 0},
     "brecq": {"iters": 300, "batch_size": 32, "lr": 1e-2, "act_lr": 1e-2, "learn_act_scale": True,
               "drop_prob": 0.5, "learn_weight_scale": False, "learn_bias": False, "fisher": 0.0, "mirror": False,
               "shifts": 0, "input_drop": 0.0, "crops": 0, "revert_worse": False, "anchor": 0.0,
-              "harden": 0.0, "harden_fallback": False, "refine": False, "polish": 0},
+              "harden": 0.0, "harden_fallback": False, "harden_average": 0.0, "sampling": "random",
+              "refine": False, "polish": 0},
     "finetune": {"iters": 600, "batch_size": 32, "lr": 1e-4, "act_lr": 1e-2, "learn_act_scale": True,
                  "drop_prob": 0.0, "learn_weight_scale": False, "learn_bias": False, "mirror": False, "shifts": 0,
                  "input_drop": 0.0, "crops": 0, "revert_worse": False, "anchor": 0.0,
-                 "harden": 0.0, "harden_fallback": False, "refine": False, "polish": 0},
+                 "harden": 0.0, "harden_fallback": False, "harden_average": 0.0, "sampling": "random",
+                 "refine": False, "polish": 0},
 }
 # For ImageNet-sized inputs (above LARGE_INPUT_PIXELS) one step costs ~50x a CIFAR step: smaller batches (and,
 # for adaround / finetune, fewer steps) keep EfficientNet-Lite0 within ~30 minutes on 2 CPU cores. BRECQ got
@@ -102,6 +105,7 @@ _DEFAULTS_LARGE: dict[str, dict[str, Any]] = {
 }
 UNFREEZE = ("hawq", "all")
 ANCHOR_WEIGHTINGS = ("uniform", "inputs")
+SAMPLINGS = ("random", "epochs")
 
 
 def register_method(name: str, target: str) -> None:
@@ -116,6 +120,11 @@ def register_method(name: str, target: str) -> None:
     _DEFAULTS.setdefault(name, dict(_DEFAULTS["brecq"]))
     _DEFAULTS_LARGE.setdefault(name, dict(_DEFAULTS_LARGE["brecq"]))
     METHODS = tuple(_METHODS)
+
+
+def _layout(x: torch.Tensor, cfg: "RecoverConfig") -> torch.Tensor:
+    """Image batches channels-last under ``cfg.channels_last`` (every cached unit input and output then follows)."""
+    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last and x.dim() == 4 else x
 
 
 def method_defaults(method: str, input_size: tuple[int, int] | None = None) -> dict[str, Any]:
@@ -219,10 +228,19 @@ class RecoverConfig(_JsonMixin):
     progressively hardened rounding only if its error on the learning inputs (every quantizer on, no QDrop) is
     not above that of rounding the soft variables as they stood when hardening began (with that moment's step
     sizes); otherwise bake the latter. Costs two passes over the learning inputs per unit.
+    ``harden_average`` (adaround, brecq; needs ``harden``): decay of an exponential moving average of every rounding
+    variable over the steps (updated after each step); progressive hardening then ranks the variables and fixes
+    each to its side by that average instead of the variable's value after the last mini-batch, so which side a
+    rounding lands on depends less on the few mini-batches before it is fixed (0: off, the value itself).
+    ``sampling``: how the rows of each step's mini-batch are drawn: ``"random"`` (each step draws ``batch_size``
+    distinct rows anew, so some rows are seen more often than others) or ``"epochs"`` (consecutive slices of
+    shuffled passes over all rows, so every row is seen equally often).
     ``refine`` (brecq): after each unit's reconstruction, improve the codes of its last layer (a 1x1 conv or
     linear layer followed by nothing but a shortcut addition and quantizers) by greedy one-flip coordinate
     descent on the exact quadratic error of the unit's output on the learning inputs, without QDrop
     (:func:`zsq.recover.refine.refine_last_layer`); codes stay between floor and floor + 1.
+    ``channels_last``: lay image batches out channels-last (NHWC in memory) for reconstruction, so every cached unit
+    input and output follows; the same values, faster convolutions on CPU (EfficientNet-Lite0's BRECQ, session 30).
     ``polish``: after the method, this many Adam steps on the whole network's output KL to the float model over
     the learning inputs, training only the biases of the quantized layers (codes and ranges stay fixed;
     :func:`zsq.recover.polish.polish_biases`), at ``polish_lr`` with a cosine decay; 0 (the default) is off.
@@ -262,9 +280,12 @@ class RecoverConfig(_JsonMixin):
     anchor_weighting: str = "uniform"
     harden: float | None = None
     harden_fallback: bool | None = None
+    harden_average: float | None = None
+    sampling: str | None = None
     refine: bool | None = None
     polish: int | None = None
     polish_lr: float = 1e-4
+    channels_last: bool = True
 
     def __post_init__(self) -> None:
         if self.act_estimator is not None and self.act_estimator not in ACT_ESTIMATORS:
@@ -316,6 +337,8 @@ class RecoverConfig(_JsonMixin):
         if self.polish is not None:
             _pos_int(self.polish, "polish", allow_zero=True)
         _pos_float(self.polish_lr, "polish_lr")
+        if not isinstance(self.channels_last, bool):
+            raise ConfigError(f"RecoverConfig.channels_last must be True or False, got {self.channels_last!r}")
         if self.crops is not None:
             _pos_int(self.crops, "crops", allow_zero=True)
         _in_range(self.crop_min_area, "crop_min_area", 0, 1, bounds="(]", words="a fraction ")
@@ -328,9 +351,15 @@ class RecoverConfig(_JsonMixin):
             raise ConfigError(f"RecoverConfig.anchor_weighting={self.anchor_weighting!r} is not one of "
                               f"{', '.join(ANCHOR_WEIGHTINGS)}")
         _opt_bool(self.harden_fallback, "harden_fallback")
+        if self.harden_average is not None:
+            _in_range(self.harden_average, "harden_average", 0, 1, bounds="[)",
+                      words="the decay of the moving average hardening decides by (0: off), ")
+        if self.sampling is not None and self.sampling not in SAMPLINGS:
+            raise ConfigError(f"RecoverConfig.sampling={self.sampling!r} is not one of {', '.join(SAMPLINGS)}")
         for name, what in (("anchor", "pulls learned roundings towards the float weights"),
                            ("harden", "fixes learned roundings step by step"),
-                           ("harden_fallback", "falls back from progressively hardened roundings")):
+                           ("harden_fallback", "falls back from progressively hardened roundings"),
+                           ("harden_average", "decides hardened roundings by their moving average")):
             if getattr(self, name) and self.method == "finetune":
                 raise ConfigError(f"{name} {what}; it is for method='adaround' or 'brecq', not 'finetune'")
         if self.unfreeze not in UNFREEZE:
@@ -547,11 +576,12 @@ def recover(
     gm = _check_model(qmodel)
     x = _check_inputs(calib_inputs, "calib_inputs")
     cfg = cfg.resolved(tuple(x.shape[-2:]) if x.dim() == 4 else None)  # (no input size: mirror's default is off)
-    if cfg.harden_fallback and not cfg.harden:
-        raise ConfigError("harden_fallback falls back from progressively hardened roundings, but harden is 0 for "
-                          "these inputs; set harden (e.g. 0.3, --recover-harden 0.3) or drop harden_fallback")
+    for name in ("harden_fallback", "harden_average"):
+        if getattr(cfg, name) and not cfg.harden:
+            raise ConfigError(f"{name} acts on progressively hardened roundings, but harden is 0 for these inputs; "
+                              f"set harden (e.g. 0.3, --recover-harden 0.3) or drop {name}")
     x = _with_views(x, cfg)
-    h = _check_inputs(holdout_inputs, "holdout_inputs") if holdout_inputs is not None else None
+    h = _layout(_check_inputs(holdout_inputs, "holdout_inputs"), cfg) if holdout_inputs is not None else None
     if device is None:
         p = next(gm.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
@@ -570,8 +600,9 @@ def recover(
         saved = {k: v.detach().clone() for k, v in gm.state_dict().items()}
         try:
             snapshot = {n: m.weight.detach().clone() for n, m in gm.named_modules() if isinstance(m, QUANT_LAYER_TYPES)}
-            ctx = RecoverContext(qmodel=gm, fp32_model=fp32_model, inputs=x, holdout=h, config=cfg, device=dev,
-                                 progress=progress, float_weights=snapshot,
+            # (the ranges are recalibrated on the inputs as given; reconstruction learns from them in cfg's layout)
+            ctx = RecoverContext(qmodel=gm, fp32_model=fp32_model, inputs=_layout(x, cfg), holdout=h, config=cfg,
+                                 device=dev, progress=progress, float_weights=snapshot,
                                  generator=torch.Generator().manual_seed(cfg.seed), units=units)
             _check_float_reference(ctx)
             if cfg.act_estimator is not None:  # the start the recipes were chosen from

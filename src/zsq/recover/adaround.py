@@ -34,8 +34,8 @@ import torch.nn as nn
 
 from ..errors import ZsqError
 from ..quant.modules import QUANT_LAYER_TYPES, ActQuantizer
-from .blocks import (ActFn, UnitData, UnitRunner, float_weights, layer_tail, mse, no_act, quantized_weight,
-                     reconstruct_sequentially, reconstruction_loss, unit_progress)
+from .blocks import (ActFn, UnitData, UnitRunner, batch_indices, float_weights, layer_tail, mse, no_act,
+                     quantized_weight, reconstruct_sequentially, reconstruction_loss, same_layout, unit_progress)
 
 if TYPE_CHECKING:
     from . import RecoverContext, RecoverConfig, UnitReport
@@ -115,17 +115,19 @@ class LearnedRounding:
         self.fixed: torch.Tensor | None = None
         self.fixed_up: torch.Tensor | None = None
 
-    def h(self) -> torch.Tensor:
-        h = rectified_sigmoid(self.v)
+    def h(self, v: torch.Tensor | None = None) -> torch.Tensor:
+        """The soft roundings ``h(V)`` (of ``v`` instead of ``V`` when given), fixed variables at their decision."""
+        h = rectified_sigmoid(self.v if v is None else v)
         if self.fixed is not None:
             h = torch.where(self.fixed, self.fixed_up, h)
         return h
 
     @torch.no_grad()
-    def fix(self, mask: torch.Tensor) -> None:
-        """Fix the variables in ``mask`` (shaped like the weight) to their current hard rounding (``V >= 0``);
-        variables fixed before keep their decision."""
-        up = (self.v >= 0).to(self.floor.dtype)
+    def fix(self, mask: torch.Tensor, v: torch.Tensor | None = None) -> None:
+        """Fix the variables in ``mask`` (shaped like the weight) to their current hard rounding (``V >= 0``, or
+        ``v >= 0`` for given values ``v``, e.g. a moving average of ``V``); variables fixed before keep their
+        decision."""
+        up = ((self.v if v is None else v) >= 0).to(self.floor.dtype)
         if self.fixed is None:
             self.fixed, self.fixed_up = torch.zeros_like(mask), torch.zeros_like(up)
         new = mask & ~self.fixed
@@ -280,7 +282,7 @@ def optimize_unit(
     def act_fn(name: str, mod: ActQuantizer, t: torch.Tensor) -> torch.Tensor:
         out = learned_act(name, mod, t)
         if drop > 0 and mod.enabled:
-            keep_float = torch.rand(t.shape, generator=generator).to(t.device) < drop
+            keep_float = same_layout(torch.rand(t.shape, generator=generator).to(t.device) < drop, t)
             out = torch.where(keep_float, t, out)
         return out
 
@@ -289,6 +291,9 @@ def optimize_unit(
     harden = float(config.harden or 0.0)
     harden_from = iters - max(1, round(harden * iters)) if harden > 0 and roundings else None
     fallback = bool(config.harden_fallback) and harden_from is not None
+    average = float(config.harden_average or 0.0) if harden_from is not None else 0.0
+    v_avg = [r.v.detach().clone() for r in roundings.values()] if average > 0 else None
+    batches = batch_indices(n, bsz, str(config.sampling or "random"), generator)
     before_hardening: _UnitState | None = None
     first = last = rec_v = reg_v = float("nan")
     bar = unit_progress(range(iters), desc=desc, progress=progress)
@@ -296,11 +301,11 @@ def optimize_unit(
         if harden_from is not None and it >= harden_from:
             if fallback and before_hardening is None:
                 before_hardening = _UnitState.capture(roundings, steps, biases)
-            fix_most_decided(list(roundings.values()), (it - harden_from + 1) / (iters - harden_from))
-        idx = torch.randperm(n, generator=generator)[:bsz].to(x.device)
+            fix_most_decided(list(roundings.values()), (it - harden_from + 1) / (iters - harden_from), v_avg)
+        idx = next(batches).to(x.device)
         xb = x[idx]
         if input_drop > 0:
-            use_float = torch.rand(xb.shape, generator=generator).to(xb.device) < input_drop
+            use_float = same_layout(torch.rand(xb.shape, generator=generator).to(xb.device) < input_drop, xb)
             xb = torch.where(use_float, x_float[idx], xb)
         y = runner(xb, weight_fn=weight_fn, act_fn=act_fn)
         rec = reconstruction_loss(y, target[idx], weight[idx] if weight is not None else None)
@@ -318,6 +323,10 @@ def optimize_unit(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if v_avg is not None:
+            with torch.no_grad():
+                for a, r in zip(v_avg, roundings.values()):
+                    a.mul_(average).add_(r.v, alpha=1.0 - average)
         rec_v = float(rec.detach())
         reg_v = float(reg.detach()) if reg is not None else 0.0
         if it == 0:
@@ -402,22 +411,31 @@ def _keep_better_rounding(runner: UnitRunner, x: torch.Tensor, target: torch.Ten
 
 
 @torch.no_grad()
-def fix_most_decided(roundings: Sequence[LearnedRounding], share: float) -> int:
+def fix_most_decided(roundings: Sequence[LearnedRounding], share: float,
+                     values: Sequence[torch.Tensor] | None = None) -> int:
     """Fix the most decided ``share`` (0..1) of all the rounding variables of ``roundings`` to their hard rounding
     (:meth:`LearnedRounding.fix`), counting those already fixed: the variables whose soft value ``h`` is farthest
     from 1/2 first. ``RecoverConfig.harden`` calls it at every step of the last part of a unit's optimisation with a
     share rising to 1, so the rounding that is baked is the one the last steps optimised (the variables still free
-    learn to make up for those just fixed). Returns how many are fixed."""
+    learn to make up for those just fixed). With ``values`` (one tensor per rounding, shaped like its ``V``; e.g. a
+    moving average of ``V``, ``RecoverConfig.harden_average``) the ranking and the side each variable is fixed to
+    come from those instead of ``V``. Returns how many are fixed."""
     total = sum(r.numel for r in roundings)
     want = min(total, int(math.ceil(share * total)))
     if total == 0 or want <= sum(r.num_fixed for r in roundings):
         return sum(r.num_fixed for r in roundings)
     # fixed variables have h exactly 0 or 1, so they count as the most decided and stay fixed
-    conf = [(r.h() - 0.5).abs() for r in roundings]
+    vals: Sequence[torch.Tensor | None] = [None] * len(roundings) if values is None else values
+    if len(vals) != len(roundings):
+        raise ZsqError(f"fix_most_decided got {len(vals)} value tensors for {len(roundings)} roundings")
+    conf = [((r.h() if v is None else r.h(v)) - 0.5).abs() for r, v in zip(roundings, vals)]
     flat = torch.cat([c.flatten() for c in conf])
     threshold = torch.kthvalue(flat, total - want + 1).values
-    for r, c in zip(roundings, conf):
-        r.fix(c >= threshold)
+    for r, c, v in zip(roundings, conf, vals):
+        if v is None:
+            r.fix(c >= threshold)
+        else:
+            r.fix(c >= threshold, v)
     return sum(r.num_fixed for r in roundings)
 
 

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import UnsupportedLayerError
+from ..errors import UnsupportedLayerError, ZsqError
 from ..graph import is_add, is_depthwise_conv, is_pointwise_conv, trace
 from ..quant.modules import QUANT_LAYER_TYPES, ActQuantizer
 
@@ -557,6 +557,37 @@ def _unit_state(gm: nn.Module, unit: Unit) -> dict[str, dict[str, torch.Tensor]]
     """A copy of the state (weights, biases, quantizer buffers) of ``unit``'s layers and activation quantizers."""
     return {name: {k: v.detach().clone() for k, v in gm.get_submodule(name).state_dict().items()}
             for name in [*unit.layers, *unit.act_quantizers]}
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    """A 4-D tensor laid out channels-last (NHWC in memory), the layout :func:`zsq.recover.recover` gives image
+    inputs under ``RecoverConfig.channels_last``."""
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def same_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` (same shape as ``like``) in ``like``'s memory layout, so that an elementwise op of the two keeps a
+    channels-last ``like`` channels-last (``torch.where`` with a freshly drawn contiguous mask would not). The values
+    are unchanged."""
+    return t.contiguous(memory_format=torch.channels_last) if is_channels_last(like) else t
+
+
+def batch_indices(n: int, bsz: int, sampling: str, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Row indices of each step's mini-batch (``RecoverConfig.sampling``): ``"random"`` draws ``bsz`` distinct rows
+    of ``n`` anew at every step; ``"epochs"`` takes consecutive slices of shuffled passes over all ``n`` rows (a
+    slice that crosses the end of a pass continues into the next one), so every row is seen equally often."""
+    if sampling == "random":
+        while True:
+            yield torch.randperm(n, generator=generator)[:bsz]
+    elif sampling == "epochs":
+        queue = torch.empty(0, dtype=torch.long)
+        while True:
+            while queue.numel() < bsz:
+                queue = torch.cat([queue, torch.randperm(n, generator=generator)])
+            yield queue[:bsz]
+            queue = queue[bsz:]
+    else:
+        raise ZsqError(f"unknown sampling {sampling!r}; expected 'random' or 'epochs'")
 
 
 def unit_progress(iterable: Any, *, desc: str, progress: bool, total: int | None = None) -> Any:

@@ -26,14 +26,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .adaround import is_learnable, step_act
-from .blocks import LAYER_TYPES, ActFn, Unit, UnitRunner, module_act, quantized_weight, unit_progress
+from .blocks import (LAYER_TYPES, ActFn, Unit, UnitRunner, batch_indices, module_act, quantized_weight,
+                     unit_progress)
 from .brecq import learnable_steps
 
 if TYPE_CHECKING:
@@ -55,21 +56,28 @@ def cosine_lr(base: float, step: int, total: int) -> float:
 
 
 def distillation_step(ctx: "RecoverContext", whole: UnitRunner, teacher: torch.Tensor, opt: torch.optim.Optimizer,
-                      base_lrs: list[float], *, step: int, total: int, act_fn: ActFn = module_act) -> float:
+                      base_lrs: list[float], *, step: int, total: int, batches: Iterator[torch.Tensor],
+                      act_fn: ActFn = module_act) -> float:
     """One Adam step of :func:`distillation_kl` on the whole quantized network (``whole``), shared by fine-tuning
     and the bias polish: each parameter group's learning rate on the cosine at ``step`` of ``total`` from its
-    ``base_lrs`` entry, a mini-batch of ``ctx.config.batch_size`` learning inputs drawn with ``ctx.generator``,
+    ``base_lrs`` entry, the learning inputs at the next indices of ``batches`` (:func:`learning_batches`),
     weights fake-quantized with straight-through rounding. Returns the step's loss."""
     for g, lr in zip(opt.param_groups, base_lrs):
         g["lr"] = cosine_lr(lr, step, total)
-    n = ctx.inputs.shape[0]
-    idx = torch.randperm(n, generator=ctx.generator)[:min(int(ctx.config.batch_size), n)].to(ctx.inputs.device)
+    idx = next(batches).to(ctx.inputs.device)
     loss = distillation_kl(whole(ctx.inputs[idx], weight_fn=quantized_weight, act_fn=act_fn), teacher[idx],
                            ctx.config.temperature)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     return float(loss.detach())
+
+
+def learning_batches(ctx: "RecoverContext") -> Iterator[torch.Tensor]:
+    """Mini-batch indices into ``ctx.inputs`` for :func:`distillation_step`: ``ctx.config.batch_size`` rows per
+    step, drawn with ``ctx.generator`` as ``ctx.config.sampling`` says (:func:`zsq.recover.blocks.batch_indices`)."""
+    n = ctx.inputs.shape[0]
+    return batch_indices(n, min(int(ctx.config.batch_size), n), str(ctx.config.sampling or "random"), ctx.generator)
 
 
 def unit_sensitivity(ctx: "RecoverContext", units: list[Unit]) -> dict[str, float]:
@@ -144,6 +152,7 @@ def run(ctx: "RecoverContext") -> list["UnitReport"]:
     per_stage = [total // len(stages) + (1 if k < total % len(stages) else 0) for k in range(len(stages))]
     step = 0
     reports = []
+    batches = learning_batches(ctx)
     for k, (active, its) in enumerate(zip(stages, per_stage)):
         ts = time.perf_counter()
         active_names = {u.name for u in active}
@@ -159,7 +168,7 @@ def run(ctx: "RecoverContext") -> list["UnitReport"]:
                             progress=ctx.progress)
         for _ in bar:
             losses.append(distillation_step(ctx, whole, teacher, opt, base_lrs, step=step, total=total,
-                                            act_fn=act_fn))
+                                            batches=batches, act_fn=act_fn))
             step += 1
             if step % 25 == 0:
                 bar.set_postfix(kl=f"{losses[-1]:.4g}")
@@ -184,4 +193,4 @@ def run(ctx: "RecoverContext") -> list["UnitReport"]:
     return reports
 
 
-__all__ = ["cosine_lr", "distillation_kl", "distillation_step", "unit_sensitivity", "run"]
+__all__ = ["cosine_lr", "distillation_kl", "distillation_step", "learning_batches", "unit_sensitivity", "run"]

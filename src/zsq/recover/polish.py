@@ -21,7 +21,7 @@ import torch
 
 from ..quant.modules import QUANT_LAYER_TYPES
 from .blocks import UnitRunner, unit_progress
-from .finetune import distillation_step
+from .finetune import distillation_step, learning_batches
 
 if TYPE_CHECKING:
     from . import RecoverContext
@@ -54,8 +54,10 @@ def polish_biases(ctx: "RecoverContext", *, iters: int, lr: float) -> dict[str, 
             b.requires_grad_(True)
         with torch.enable_grad():
             bar = unit_progress(range(iters), desc="polish biases", progress=ctx.progress)
+            batches = learning_batches(ctx)
             for step in bar:
-                losses.append(distillation_step(ctx, whole, teacher, opt, [lr], step=step, total=iters))
+                losses.append(distillation_step(ctx, whole, teacher, opt, [lr], step=step, total=iters,
+                                                batches=batches))
                 if step % 25 == 0:
                     bar.set_postfix(kl=f"{losses[-1]:.4g}")
     finally:
