@@ -889,9 +889,9 @@ def test_harden_fallback_bakes_the_lower_of_the_two_roundings(setup, method, mon
     assert honest.config["harden_fallback"] is True
     real_fix = ar.LearnedRounding.fix
 
-    def wrong_side(self, mask):
+    def wrong_side(self, mask, v=None):
         new = mask if self.fixed is None else mask & ~self.fixed
-        real_fix(self, mask)
+        real_fix(self, mask, v)
         self.fixed_up = torch.where(new, 1.0 - self.fixed_up, self.fixed_up)
 
     monkeypatch.setattr(ar.LearnedRounding, "fix", wrong_side)

@@ -145,6 +145,7 @@ def _recover_defaults(key: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import ACT_ESTIMATORS, BIAS_MODES, SYMMETRIC_WEIGHT_MIN_BITS, QuantConfig, WEIGHT_ESTIMATORS
+    from .recover import SAMPLINGS
 
     qd = QuantConfig()
     parser = argparse.ArgumentParser(
@@ -263,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adaround/brecq with hardening: rank and fix roundings by a moving average of their variables "
                         "(decay D, 0 <= D < 1) instead of their value after the last mini-batch (default "
                         + _recover_defaults("harden_average") + "; docs/recovery.md)")
-    g.add_argument("--recover-sampling", choices=("random", "epochs"), default=None,
+    g.add_argument("--recover-sampling", choices=SAMPLINGS, default=None,
                    help="mini-batches of the learning inputs: 'random' (drawn anew each step) or 'epochs' (shuffled "
                         "passes, every input seen equally often) (default " + _recover_defaults("sampling") + ")")
     g.add_argument("--recover-refine", action=argparse.BooleanOptionalAction, default=None,

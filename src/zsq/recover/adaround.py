@@ -432,10 +432,7 @@ def fix_most_decided(roundings: Sequence[LearnedRounding], share: float,
     flat = torch.cat([c.flatten() for c in conf])
     threshold = torch.kthvalue(flat, total - want + 1).values
     for r, c, v in zip(roundings, conf, vals):
-        if v is None:
-            r.fix(c >= threshold)
-        else:
-            r.fix(c >= threshold, v)
+        r.fix(c >= threshold, v)
     return sum(r.num_fixed for r in roundings)
 
 
