@@ -9,6 +9,9 @@ used to choose (the issue asks for the recipe to be chosen on distilled data).
 
     OMP_WAIT_POLICY=PASSIVE PYTHONPATH=src .venv/bin/python benchmarks/recovery_recipe.py \\
         --candidates "brecq:iters=300" "brecq:iters=300,drop_prob=0.5" --out benchmarks/recovery_recipe.json
+
+With ``--sampling-seeds 1,101`` every candidate runs once per recovery sampling seed and is judged by its mean
+over them (one sampling seed moves the held-apart KL by up to 38 % on Lite0: docs/recovery.md, session 29).
 """
 
 from __future__ import annotations
@@ -38,6 +41,36 @@ from zsq.state import full_fp32
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recovery import FIRST_LAST_8, MODELS, WEIGHT_SCHEMES, calibrated_bases, clone, distilled  # noqa: E402
+
+
+def parse_seeds(text: str | None) -> list[int]:
+    """``"1,101"`` -> [1, 101] (None or empty: [], i.e. one run per candidate at --seed)."""
+    if not text:
+        return []
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--sampling-seeds takes comma-separated integers such as 1,101, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--sampling-seeds {text!r} repeats a seed")
+    return seeds
+
+
+def mean_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per candidate with the mean (and the values) of every score over its runs."""
+    keys = ("holdout_kl_after", "holdout_kl_bias_corrected", "real_holdout_kl", "top1_record_only", "seconds")
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        m = out.setdefault(r["candidate"], {"candidate": r["candidate"], "runs": 0})
+        m["runs"] += 1
+        for k in keys:
+            if k in r:
+                m.setdefault(k + "_runs", []).append(r[k])
+    for m in out.values():
+        for k in keys:
+            if k + "_runs" in m:
+                m[k] = sum(m[k + "_runs"]) / len(m[k + "_runs"])
+    return list(out.values())
 
 
 def parse_candidate(text: str) -> tuple[str, dict[str, Any]]:
@@ -77,6 +110,11 @@ def main() -> None:
     ap.add_argument("--candidates", nargs="+", required=True,
                     help="method:key=value,... (RecoverConfig fields; seed=N sets recovery's own sampling seed, "
                          "which is --seed otherwise)")
+    ap.add_argument("--sampling-seeds", default=None, metavar="S1,S2,...",
+                    help="run every candidate once per recovery sampling seed (RecoverConfig.seed; the data stays "
+                         "--seed's) and judge candidates by their mean over these runs: since session 29 one "
+                         "recovery seed per data seed is known to be too noisy to choose by (a candidate's own seed=N "
+                         "is refused with it)")
     ap.add_argument("--calib-batches", type=int, default=8)
     ap.add_argument("--holdout-batches", type=int, default=1, help="distilled batches (seed + 1000) to score on")
     ap.add_argument("--weight-estimator", default="minmax", choices=["minmax", "mse"])
@@ -141,6 +179,11 @@ def main() -> None:
                          "distilling them again (only the held-apart distilled KL uses them)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    args.sampling_seeds = parse_seeds(args.sampling_seeds)
+    if args.sampling_seeds:
+        own = [t for t in args.candidates if "seed" in parse_candidate(t)[1]]
+        if own:
+            raise SystemExit(f"--sampling-seeds sets each run's recovery seed; drop seed=N from {', '.join(own)}")
     with full_fp32():  # on a GPU too, FP32 convolutions and matrix products as on the CPU
         measure(args)
 
@@ -227,8 +270,12 @@ def measure(args: argparse.Namespace) -> None:
     eval_ds = (load_dataset(data_path, spec.preprocessing, subset=slice(0, n_eval) if n_eval else None)
                if args.eval else None)
     rows = []
-    for text in args.candidates:
+    runs = [(text, s) for text in args.candidates  # ptq has no recovery seed: one run
+            for s in ([None] if parse_candidate(text)[0] == "ptq" else args.sampling_seeds or [None])]
+    for text, sampling_seed in runs:
         method, kw = parse_candidate(text)
+        if sampling_seed is not None and method != "ptq":
+            kw["seed"] = sampling_seed
         symmetric = scheme[method == "ptq"]
         q = clone(base_for(symmetric))
         t = time.perf_counter()
@@ -246,6 +293,8 @@ def measure(args: argparse.Namespace) -> None:
             reverted = [u.name for u in rep.units if u.info.get("reverted")]
             if reverted:
                 row["reverted_units"] = reverted
+        if sampling_seed is not None:
+            row["sampling_seed"] = sampling_seed
         row["weight_symmetric"] = symmetric
         if args.bias_correction != "off":  # as zsq quantize: after recovery, on the final weights
             bias = correct_bias(q, folded, x, config=BiasCorrectionConfig(mode=args.bias_correction))
@@ -256,10 +305,17 @@ def measure(args: argparse.Namespace) -> None:
             row["top1_record_only"] = compare(model, q, eval_ds, progress=False, device=dev)["quantized"]["top1"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    best = min(rows, key=lambda r: r.get("holdout_kl_bias_corrected", r["holdout_kl_after"]))
-    print(f"lowest held-apart KL: {best['candidate']}", flush=True)
+    means = mean_rows(rows)
+    if args.sampling_seeds:
+        for m in means:
+            print(json.dumps({"mean_over_sampling_seeds": args.sampling_seeds,
+                              **{k: v for k, v in m.items() if not k.endswith("_runs")}}), flush=True)
+    best = min(means, key=lambda r: r.get("holdout_kl_bias_corrected", r["holdout_kl_after"]))
+    what = "mean held-apart KL over the sampling seeds" if args.sampling_seeds else "held-apart KL"
+    print(f"lowest {what}: {best['candidate']}", flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "best": best["candidate"]}, indent=2))
+        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "means": means,
+                                              "best": best["candidate"]}, indent=2))
 
 
 if __name__ == "__main__":

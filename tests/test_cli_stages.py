@@ -401,7 +401,7 @@ def test_recover_lr_must_be_positive(tmp_path, capsys):
                                   ("--recover-crops", "1"), ("--recover-revert-worse",), ("--recover-anchor", "0.1"),
                                   ("--recover-harden", "0.5"), ("--recover-harden-fallback",), ("--recover-refine",),
                                   ("--recover-harden-average", "0.9"), ("--recover-sampling", "epochs"),
-                                  ("--recover-polish", "3")])
+                                  ("--recover-polish", "3"), ("--recover-channels-last",)])
 def test_recover_options_without_recover(tmp_path, capsys, flag):
     rc, _, err = cli(capsys, "quantize", "tiny_cnn", *flag, "--out", tmp_path / "x", *FAST)
     assert rc == 2 and "--recover" in err and "Traceback" not in err
@@ -435,9 +435,10 @@ def test_recover_drop_prob_out_of_range(tmp_path, capsys):
                                             (("--recover-anchor", "0.3"), "anchor", 0.3),
                                             (("--recover-harden", "0.4"), "harden", 0.4),
                                             (("--recover-refine",), "refine", True),
-                                            (("--recover-polish", "3"), "polish", 3)])
+                                            (("--recover-polish", "3"), "polish", 3),
+                                            (("--recover-channels-last",), "channels_last", True)])
 def test_recover_options_reach_the_recipe(tmp_path, capsys, flag, key, value):
-    if key not in ("crops", "anchor", "harden", "polish"):  # brecq's alone: refused, in one line, for another method
+    if key not in ("crops", "anchor", "harden", "polish", "channels_last"):  # brecq's alone: refused, in one line, for another method
         rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--recover", "adaround", *flag, "--out", tmp_path / "x", *FAST)
         assert rc == 2 and key in err and "brecq" in err and "Traceback" not in err
     if key in ("anchor", "harden"):  # not for fine-tuning, and not out of range: one line each

@@ -1042,3 +1042,5 @@ def test_channels_last_reconstruction_matches_the_contiguous_one(setup):
     assert differ <= 0.02 * total, (differ, total)
     with pytest.raises(ConfigError, match="channels_last"):
         RecoverConfig(channels_last=1)
+    # off by default since session 31 (the recipe was chosen contiguous; docs/recovery.md)
+    assert RecoverConfig().channels_last is False and RecoverConfig().resolved((224, 224)).channels_last is False

@@ -240,7 +240,9 @@ class RecoverConfig(_JsonMixin):
     descent on the exact quadratic error of the unit's output on the learning inputs, without QDrop
     (:func:`zsq.recover.refine.refine_last_layer`); codes stay between floor and floor + 1.
     ``channels_last``: lay image batches out channels-last (NHWC in memory) for reconstruction, so every cached unit
-    input and output follows; the same values, faster convolutions on CPU (EfficientNet-Lite0's BRECQ, session 30).
+    input and output follows; the same values up to float rounding, and 10.5 % faster convolutions on CPU
+    (EfficientNet-Lite0's BRECQ, session 30). Off by default since session 31: over seven paired Lite0 W4A8 runs its
+    models' real held-apart KL was higher on the mean (not significantly), and the recipe was chosen contiguous.
     ``polish``: after the method, this many Adam steps on the whole network's output KL to the float model over
     the learning inputs, training only the biases of the quantized layers (codes and ranges stay fixed;
     :func:`zsq.recover.polish.polish_biases`), at ``polish_lr`` with a cosine decay; 0 (the default) is off.
@@ -285,7 +287,7 @@ class RecoverConfig(_JsonMixin):
     refine: bool | None = None
     polish: int | None = None
     polish_lr: float = 1e-4
-    channels_last: bool = True
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.act_estimator is not None and self.act_estimator not in ACT_ESTIMATORS:
