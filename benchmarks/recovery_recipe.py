@@ -274,7 +274,7 @@ def measure(args: argparse.Namespace) -> None:
             for s in ([None] if parse_candidate(text)[0] == "ptq" else args.sampling_seeds or [None])]
     for text, sampling_seed in runs:
         method, kw = parse_candidate(text)
-        if sampling_seed is not None and method != "ptq":
+        if sampling_seed is not None:  # (never for ptq: see runs)
             kw["seed"] = sampling_seed
         symmetric = scheme[method == "ptq"]
         q = clone(base_for(symmetric))

@@ -438,7 +438,8 @@ def test_recover_drop_prob_out_of_range(tmp_path, capsys):
                                             (("--recover-polish", "3"), "polish", 3),
                                             (("--recover-channels-last",), "channels_last", True)])
 def test_recover_options_reach_the_recipe(tmp_path, capsys, flag, key, value):
-    if key not in ("crops", "anchor", "harden", "polish", "channels_last"):  # brecq's alone: refused, in one line, for another method
+    # brecq's alone: refused, in one line, for another method
+    if key not in ("crops", "anchor", "harden", "polish", "channels_last"):
         rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--recover", "adaround", *flag, "--out", tmp_path / "x", *FAST)
         assert rc == 2 and key in err and "brecq" in err and "Traceback" not in err
     if key in ("anchor", "harden"):  # not for fine-tuning, and not out of range: one line each

@@ -44,7 +44,7 @@ from ..quant.apply import output_mse_applies, weight_layers
 from ..quant.modules import QUANT_LAYER_TYPES, ActQuantizer, WeightQuantizer
 from ..metrics import kl_divergence
 from ..state import frozen_eval, full_fp32
-from .blocks import SequentialResult, Unit, UnitRunner, find_units, float_weights, no_act
+from .blocks import SAMPLINGS, SequentialResult, Unit, UnitRunner, find_units, float_weights, no_act
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,6 @@ _DEFAULTS_LARGE: dict[str, dict[str, Any]] = {
 }
 UNFREEZE = ("hawq", "all")
 ANCHOR_WEIGHTINGS = ("uniform", "inputs")
-SAMPLINGS = ("random", "epochs")
 
 
 def register_method(name: str, target: str) -> None:

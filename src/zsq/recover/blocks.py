@@ -572,6 +572,10 @@ def same_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last) if is_channels_last(like) else t
 
 
+# How each step's mini-batch rows are drawn (RecoverConfig.sampling; see batch_indices).
+SAMPLINGS = ("random", "epochs")
+
+
 def batch_indices(n: int, bsz: int, sampling: str, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Row indices of each step's mini-batch (``RecoverConfig.sampling``): ``"random"`` draws ``bsz`` distinct rows
     of ``n`` anew at every step; ``"epochs"`` takes consecutive slices of shuffled passes over all ``n`` rows (a
@@ -587,7 +591,7 @@ def batch_indices(n: int, bsz: int, sampling: str, generator: torch.Generator) -
             yield queue[:bsz]
             queue = queue[bsz:]
     else:
-        raise ZsqError(f"unknown sampling {sampling!r}; expected 'random' or 'epochs'")
+        raise ZsqError(f"unknown sampling {sampling!r}; expected one of {', '.join(SAMPLINGS)}")
 
 
 def unit_progress(iterable: Any, *, desc: str, progress: bool, total: int | None = None) -> Any:
