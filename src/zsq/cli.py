@@ -441,18 +441,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                 if args.recover_channels_last is not None else {}),
                              # an explicit --act-estimator is kept through recovery
                              **({"act_estimator": None} if args.act_estimator is not None else {}))
-    elif any(v is not None for v in (args.recover_iters, args.recover_batch_size, args.recover_lr,
-                                     args.recover_drop_prob, args.recover_fisher, args.recover_mirror,
-                                     args.recover_shifts, args.recover_input_drop, args.recover_crops,
-                                     args.recover_revert_worse, args.recover_anchor, args.recover_harden,
-                                     args.recover_harden_fallback, args.recover_harden_average,
-                                     args.recover_sampling, args.recover_refine, args.recover_polish,
-                                     args.recover_channels_last)):
-        raise ConfigError("--recover-iters / --recover-batch-size / --recover-lr / --recover-drop-prob / "
-                          "--recover-input-drop / --recover-fisher / --recover-mirror / --recover-shifts / "
-                          "--recover-crops / --recover-revert-worse / --recover-anchor / --recover-harden / "
-                          "--recover-harden-fallback / --recover-harden-average / --recover-sampling / "
-                          "--recover-refine / --recover-polish / --recover-channels-last need "
+    elif given := [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+                   if k.startswith("recover_") and v is not None]:  # every --recover-* option defaults to None
+        raise ConfigError(f"{' / '.join(given)} {'needs' if len(given) == 1 else 'need'} "
                           "--recover adaround|brecq|finetune")
     cfg = RunConfig(model=args.model, weights=args.weights, quant=qcfg, distill=_distill_config(args), calib=calib,
                     calib_size=args.calib_size, eval=args.eval, eval_split=args.eval_split,
