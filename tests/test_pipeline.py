@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -270,7 +271,40 @@ def test_real_calibration_from_tensor_file(tmp_path):
     save_file({"images": x.contiguous()}, str(path))
     res = run(fast_config(calib=str(path), calib_size=6), out_dir=None, progress=False)
     assert torch.equal(res.calib_inputs, x[:6])
-    assert res.report["calibration"] == {"source": "real", "path": str(path), "num_inputs": 6}
+    # saved model inputs are "tensors", not "real" images: they may be distilled ones
+    assert res.report["calibration"] == {"source": "tensors", "path": str(path), "num_inputs": 6}
+
+
+def test_tensor_file_calibration_records_the_distillation_beside_it(tmp_path, caplog):
+    """``zsq distill --out DIR`` writes distill.json beside distilled.safetensors: a run calibrated on the file
+    records it (and warns when it came from another model); with --recover, fewer inputs than the recipe's
+    amount are named in a warning."""
+    from safetensors.torch import save_file
+
+    from zsq.recover import RecoverConfig
+
+    path = tmp_path / "distilled.safetensors"
+    save_file({"images": fixed_inputs(10).contiguous()}, str(path))
+    (tmp_path / "distill.json").write_text(json.dumps({"model": "tiny_cnn", "seconds": 1.5}))
+    r = run(fast_config(calib=str(path)), out_dir=None, progress=False).report
+    assert r["calibration"]["source"] == "tensors"
+    assert r["calibration"]["distill"] == {"model": "tiny_cnn", "seconds": 1.5}
+    assert "distilled from" not in caplog.text and "holds 10 inputs" not in caplog.text
+
+    (tmp_path / "distill.json").write_text(json.dumps({"model": "resnet18"}))
+    cfg = fast_config(calib=str(path), quant=QuantConfig(wbits=4, abits=8),
+                      recover=RecoverConfig(method="adaround", iters=1), recover_distill_default=True)
+    with caplog.at_level(logging.WARNING, logger="zsq"):
+        r = run(cfg, out_dir=None, progress=False).report
+    assert r["calibration"]["num_inputs"] == 10
+    assert "was distilled from 'resnet18'" in caplog.text
+    assert "holds 10 inputs; --recover's recipe was chosen with 256" in caplog.text
+
+    (tmp_path / "distill.json").write_text("{not json")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="zsq"):
+        r = run(fast_config(calib=str(path)), out_dir=None, progress=False).report
+    assert "distill" not in r["calibration"] and "unreadable" in caplog.text
 
 
 def test_nobn_model_gaussian_ok_distilled_error(no_distill):

@@ -147,10 +147,28 @@ def calibration_inputs(model: nn.Module, spec: Any, cfg: RunConfig, *, progress:
             "nor an existing path to real images"
         )
     from .data import unlabeled_images
+    from .data.datasets import TENSOR_EXTENSIONS
 
     n = cfg.calib_size or n_default
     x = unlabeled_images(path, spec.preprocessing, limit=n)
-    return x, {"source": "real", "path": str(path), "num_inputs": int(x.shape[0])}
+    info: dict[str, Any] = {"source": "real", "path": str(path), "num_inputs": int(x.shape[0])}
+    if path.is_file() and path.suffix.lower() in TENSOR_EXTENSIONS:
+        # saved model inputs, e.g. `zsq distill --out DIR`'s distilled.safetensors: not necessarily real images
+        info["source"] = "tensors"
+        made_by = path.parent / "distill.json"  # what `zsq distill` wrote beside them, recorded in the report
+        if made_by.is_file():
+            try:
+                info["distill"] = json.loads(made_by.read_text())
+            except (OSError, ValueError) as e:
+                log.warning("%s beside --calib %s is unreadable (%s); not recorded in the report", made_by, path, e)
+            else:
+                other = info["distill"].get("model") if isinstance(info["distill"], dict) else None
+                if other is not None and other != cfg.model:
+                    log.warning("--calib %s was distilled from %r (%s), not from %r", path, other, made_by, cfg.model)
+    if cfg.recover is not None and cfg.calib_size is None and x.shape[0] < n_default:
+        log.warning("--calib %s holds %d inputs; --recover's recipe was chosen with %d (fewer inputs fit them more "
+                    "closely and generalise worse)", path, int(x.shape[0]), n_default)
+    return x, info
 
 
 def _peak_rss_mb() -> float:
