@@ -750,6 +750,20 @@ def test_eval_directory_that_is_not_a_checkpoint(tmp_path, capsys, eval_npz):
     assert_one_line_error(rc, err, "eval", str(d), "zsq_config.json")
 
 
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_eval_target_path_that_is_not_a_checkpoint_directory(tmp_path, capsys, eval_npz, kind):
+    """A checkpoint path that does not exist (a typo) or names a file: say so, rather than 'unknown model <path>'
+    followed by the registry listing."""
+    target = tmp_path / "runs" / "typo"
+    if kind == "file":
+        target.parent.mkdir()
+        target.write_text("")
+    rc, _, err = cli(capsys, "eval", target, eval_npz, "-q")
+    assert_one_line_error(rc, err, "eval", str(target), "does not exist" if kind == "missing" else "is a file",
+                          "zsq quantize --out DIR")
+    assert "Registered models" not in err
+
+
 def test_quantize_eval_path_missing(tmp_path, capsys):
     missing = tmp_path / "missing.npz"
     rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--eval", missing, "--out", tmp_path / "o", *FAST)

@@ -411,7 +411,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calib = args.calib
     if calib not in ("distilled", "retro", "gaussian") and split_calib(calib) is None and not Path(calib).exists():
         raise ConfigError(f"--calib {calib!r}: expected 'distilled', 'retro', 'gaussian', 'proxy:A,B,...', "
-                          "'proxy+distilled:A,B,...' or an existing path to real images")
+                          "'proxy+distilled:A,B,...' or an existing path to real images or saved "
+                          "inputs (.pt/.safetensors, e.g. from `zsq distill`)")
     if args.export and args.weight_quantizer == "nonuniform":
         raise ConfigError("--export onnx cannot express non-uniform (codebook) weights in QDQ; use "
                           "--weight-quantizer uniform to export")
@@ -534,6 +535,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .models import load_model
 
     target = Path(args.target)
+    if not target.is_dir() and ":" not in args.target and ("/" in args.target or os.sep in args.target
+                                                           or target.exists()):
+        # a path, not a model name: say what is wrong with it rather than "unknown model"
+        what = "is a file" if target.exists() else "does not exist"
+        raise ConfigError(f"{args.target} {what}; expected a checkpoint directory written by `zsq quantize --out DIR` "
+                          "or a model name (see `zsq models`)")
     if target.is_dir():
         qmodel, spec, meta = load_quantized(target)
         ds = load_dataset(args.data, spec.preprocessing, limit=args.limit, split=args.split)

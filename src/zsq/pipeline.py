@@ -144,7 +144,7 @@ def calibration_inputs(model: nn.Module, spec: Any, cfg: RunConfig, *, progress:
     if not path.exists():
         raise ConfigError(
             f"--calib {cfg.calib!r} is neither 'distilled', 'retro', 'gaussian', 'proxy:A,B,...', 'proxy+distilled:A,B,...' "
-            "nor an existing path to real images"
+            "nor an existing path to real images or saved inputs (.pt/.safetensors, e.g. from `zsq distill`)"
         )
     from .data import unlabeled_images
     from .data.datasets import TENSOR_EXTENSIONS

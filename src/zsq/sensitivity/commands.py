@@ -104,7 +104,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
                          iterations=args.distill_iters, lr=args.distill_lr, seed=args.seed)
     calib = args.calib
     if calib not in ("distilled", "gaussian") and not Path(calib).exists():
-        raise ConfigError(f"--calib {calib!r}: expected 'distilled', 'gaussian' or an existing path to real images")
+        raise ConfigError(f"--calib {calib!r}: expected 'distilled', 'gaussian' or an existing path to real images "
+                          "or saved inputs (.pt/.safetensors, e.g. from `zsq distill`)")
     run_cfg = RunConfig(model=args.model, weights=args.weights, quant=qcfg, distill=dcfg, calib=calib,
                         calib_size=args.calib_size, device=args.device, seed=args.seed)
     x, info = calibration_inputs(model, spec, run_cfg, progress=not args.quiet)
