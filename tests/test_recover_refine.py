@@ -138,9 +138,29 @@ def test_brecq_with_refine(tiny):
 
 
 def test_refine_config():
+    # on by default for ImageNet-sized inputs only (session 33: lower real held-apart KL on 3 of 3 Lite0 W4A8 seeds)
     assert method_defaults("brecq")["refine"] is False
+    assert method_defaults("brecq", (224, 224))["refine"] is True
+    assert RecoverConfig().resolved((224, 224)).refine is True
+    assert RecoverConfig(refine=False).resolved((224, 224)).refine is False
+    for m in ("adaround", "finetune"):  # brecq only: the other methods never get it
+        assert RecoverConfig(method=m).resolved((224, 224)).refine is False
     assert RecoverConfig(refine=True).refine is True
     for bad in (dict(refine="yes"), dict(refine=1), dict(method="adaround", refine=True),
                 dict(method="finetune", refine=True)):
         with pytest.raises(ConfigError, match="refine"):
             RecoverConfig(**bad)
+
+
+def test_a_registered_method_does_not_inherit_brecq_only_defaults(monkeypatch):
+    """A new method starts from brecq's defaults but not from refine, which only brecq implements (resolving its
+    config for ImageNet-sized inputs would otherwise refuse it)."""
+    import zsq.recover as rec
+
+    monkeypatch.setattr(rec, "_METHODS", dict(rec._METHODS))
+    monkeypatch.setattr(rec, "_DEFAULTS", {k: dict(v) for k, v in rec._DEFAULTS.items()})
+    monkeypatch.setattr(rec, "_DEFAULTS_LARGE", {k: dict(v) for k, v in rec._DEFAULTS_LARGE.items()})
+    monkeypatch.setattr(rec, "METHODS", rec.METHODS)
+    rec.register_method("my_recon", "mypkg.recon:run")
+    cfg = RecoverConfig(method="my_recon").resolved((224, 224))
+    assert cfg.refine is False and cfg.harden == method_defaults("brecq", (224, 224))["harden"]

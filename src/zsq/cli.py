@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "passes, every input seen equally often) (default " + _recover_defaults("sampling") + ")")
     g.add_argument("--recover-refine", action=argparse.BooleanOptionalAction, default=None,
                    help="brecq: after each block's reconstruction, improve its last layer's rounding by greedy "
-                        "flips on the block's exact output error (default: see docs/recovery.md)")
+                        "flips on the block's exact output error (default: on for inputs larger than 128x128 pixels, "
+                        "off for smaller; docs/recovery.md)")
     g.add_argument("--recover-channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="reconstruct on image batches laid out channels-last (NHWC): the same values up to float "
                         "rounding and about 10 %% faster on CPU, but not the layout the recipe was chosen in "
