@@ -764,6 +764,13 @@ def test_eval_target_path_that_is_not_a_checkpoint_directory(tmp_path, capsys, e
     assert "Registered models" not in err
 
 
+def test_quantize_calib_source_unknown(tmp_path, capsys):
+    """Neither a source name, a ZeroP spec nor an existing path: one line naming every accepted form."""
+    rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--calib", tmp_path / "nothere.pt", "--out", tmp_path / "o", *FAST)
+    assert_one_line_error(rc, err, "quantize", "nothere.pt", "'distilled', 'gaussian', 'retro', 'proxy:A,B,...', "
+                          "'proxy+distilled:A,B,...' or an existing path", "saved inputs")
+
+
 def test_quantize_eval_path_missing(tmp_path, capsys):
     missing = tmp_path / "missing.npz"
     rc, _, err = cli(capsys, "quantize", "tiny_cnn", "--eval", missing, "--out", tmp_path / "o", *FAST)

@@ -275,6 +275,11 @@ def test_real_calibration_from_tensor_file(tmp_path):
     assert res.report["calibration"] == {"source": "tensors", "path": str(path), "num_inputs": 6}
 
 
+def test_calibration_source_unknown(tmp_path, no_distill):
+    with pytest.raises(ConfigError, match="'nothere' *: expected 'distilled', 'gaussian', 'retro', 'proxy:A,B,...'"):
+        run(fast_config(calib="nothere"), out_dir=None, progress=False)
+
+
 def test_tensor_file_calibration_records_the_distillation_beside_it(tmp_path, caplog):
     """``zsq distill --out DIR`` writes distill.json beside distilled.safetensors: a run calibrated on the file
     records it (and warns when it came from another model); with --recover, fewer inputs than the recipe's

@@ -390,6 +390,15 @@ def cli(monkeypatch):
     return zsq.cli.main
 
 
+def test_cli_sensitivity_calib_source_unknown(cli, tmp_path, capsys):
+    """Sensitivity calibrates on distilled, gaussian or a path only (no retro, no ZeroP spec): its message says so."""
+    for bad in (str(tmp_path / "nothere.pt"), "retro", "proxy:gaussian"):
+        rc = cli(["sensitivity", "tiny_cnn", "--method", "kl", "--calib", bad, "--out", str(tmp_path / "t.json"), "-q"])
+        err = capsys.readouterr().err
+        assert rc != 0 and "Traceback" not in err
+        assert f"--calib {bad!r}: expected 'distilled', 'gaussian' or an existing path" in err, err
+
+
 def test_cli_sensitivity_and_allocate(cli, tmp_path, capsys):
     table = tmp_path / "table.json"
     rc = cli(["sensitivity", "tiny_cnn", "--method", "kl", "--bits", "2,4,8", "--calib", "gaussian",

@@ -407,13 +407,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         act_estimator=args.act_estimator or QuantConfig().act_estimator, act_percentile=args.act_percentile, overrides=overrides,
         skip=tuple(args.skip),
     )
-    from .proxy import split_calib
+    from .pipeline import check_calib_source
 
     calib = args.calib
-    if calib not in ("distilled", "retro", "gaussian") and split_calib(calib) is None and not Path(calib).exists():
-        raise ConfigError(f"--calib {calib!r}: expected 'distilled', 'retro', 'gaussian', 'proxy:A,B,...', "
-                          "'proxy+distilled:A,B,...' or an existing path to real images or saved "
-                          "inputs (.pt/.safetensors, e.g. from `zsq distill`)")
+    check_calib_source(calib)  # before the model loads
     if args.export and args.weight_quantizer == "nonuniform":
         raise ConfigError("--export onnx cannot express non-uniform (codebook) weights in QDQ; use "
                           "--weight-quantizer uniform to export")

@@ -26,6 +26,18 @@ log = logging.getLogger(__name__)
 CALIB_SOURCES = ("distilled", "gaussian", "retro")
 
 
+def check_calib_source(calib: str, *, sources: tuple[str, ...] = CALIB_SOURCES, proxy: bool = True) -> None:
+    """Raise :class:`ConfigError` unless ``calib`` names one of ``sources``, a ZeroP spec (``proxy:A,B,...`` or
+    ``proxy+distilled:A,B,...``, where ``proxy``) or an existing path to real images or saved inputs."""
+    from .proxy import split_calib
+
+    if calib in sources or (proxy and split_calib(calib) is not None) or Path(calib).exists():
+        return
+    names = [repr(s) for s in sources] + (["'proxy:A,B,...'", "'proxy+distilled:A,B,...'"] if proxy else [])
+    raise ConfigError(f"--calib {calib!r}: expected {', '.join(names)} or an existing path to real images or saved "
+                      "inputs (.pt/.safetensors, e.g. from `zsq distill`)")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one ``zsq quantize`` run does (all options in force end up in report.json)."""
@@ -140,12 +152,8 @@ def calibration_inputs(model: nn.Module, spec: Any, cfg: RunConfig, *, progress:
     if cfg.calib == "gaussian":
         n = cfg.calib_size or n_default
         return gaussian_inputs(n, spec.preprocessing, seed=cfg.seed), {"source": "gaussian", "num_inputs": n}
+    check_calib_source(cfg.calib)  # what is left is a path
     path = Path(cfg.calib)
-    if not path.exists():
-        raise ConfigError(
-            f"--calib {cfg.calib!r} is neither 'distilled', 'retro', 'gaussian', 'proxy:A,B,...', 'proxy+distilled:A,B,...' "
-            "nor an existing path to real images or saved inputs (.pt/.safetensors, e.g. from `zsq distill`)"
-        )
     from .data import unlabeled_images
     from .data.datasets import TENSOR_EXTENSIONS
 

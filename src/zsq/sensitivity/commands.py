@@ -91,7 +91,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     from ..config import DistillConfig
     from ..fold import fold_batchnorm
     from ..models import load_model
-    from ..pipeline import RunConfig, calibration_inputs, check_device
+    from ..pipeline import RunConfig, calibration_inputs, check_calib_source, check_device
     from ..quant import quantize
     from . import compute_sensitivity
 
@@ -103,9 +103,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     dcfg = DistillConfig(num_batches=args.distill_batches, batch_size=args.distill_batch_size,
                          iterations=args.distill_iters, lr=args.distill_lr, seed=args.seed)
     calib = args.calib
-    if calib not in ("distilled", "gaussian") and not Path(calib).exists():
-        raise ConfigError(f"--calib {calib!r}: expected 'distilled', 'gaussian' or an existing path to real images "
-                          "or saved inputs (.pt/.safetensors, e.g. from `zsq distill`)")
+    check_calib_source(calib, sources=("distilled", "gaussian"), proxy=False)
     run_cfg = RunConfig(model=args.model, weights=args.weights, quant=qcfg, distill=dcfg, calib=calib,
                         calib_size=args.calib_size, device=args.device, seed=args.seed)
     x, info = calibration_inputs(model, spec, run_cfg, progress=not args.quiet)
