@@ -21,7 +21,8 @@ from zsq.recover import (METHODS, RecoverConfig, find_units, method_defaults, re
                          zoomed_views)
 from zsq.recover.adaround import (GAMMA, ZETA, LearnedRounding, beta_at, fix_most_decided, is_learnable,
                                   inverse_rectified_sigmoid, rectified_sigmoid, rounding_regularizer)
-from zsq.recover.blocks import UnitRunner, batch_indices, fisher_weights, float_weights, no_act, reconstruction_loss
+from zsq.recover.blocks import (UnitRunner, batch_indices, bernoulli_mask, fisher_weights, float_weights, no_act,
+                               reconstruction_loss)
 from zsq.recover.brecq import lsq_fake_quantize
 
 ITERS = 40
@@ -312,6 +313,71 @@ def test_lsq_gradients():
     # LSQ: (round(x/s) - x/s) inside, clip level (q - z) outside
     expect = (-1 - -1) / 0.5 + (0.5 - 0.26) / 0.5 + (0.5 - 0.74) / 0.5 + (1.5 - 1.49) / 0.5 + 5 + 5
     assert float(s.grad) == pytest.approx(expect, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("float_mask", [False, True])
+def test_lsq_with_keep_mask_matches_quantizer_then_where(dtype, float_mask):
+    """QDrop's pass-through fused into the LSQ function: the same output and gradients as quantizing and then
+    taking ``torch.where(keep, x, quantized)`` through autograd (fused kernel for float32, formula otherwise),
+    with a boolean mask or a 0/1 one in the input's dtype."""
+    g = torch.Generator().manual_seed(0)
+    x0 = (torch.randn(4, 3, 5, 5, generator=g, dtype=dtype) * 2).contiguous(memory_format=torch.channels_last)
+    keep = bernoulli_mask(x0.shape, 0.5, generator=g)
+    fused_keep = keep.to(dtype) if float_mask else keep
+    z = torch.tensor(100, dtype=torch.int32)
+    gout = torch.randn(x0.shape, generator=g, dtype=dtype)
+    results = []
+    for fused in (False, True):
+        x = x0.clone().requires_grad_(True)
+        s = torch.tensor(0.03, dtype=torch.float32, requires_grad=True)
+        if fused:
+            y = lsq_fake_quantize(x, s, z, 0, 255, keep=fused_keep)
+        else:
+            y = torch.where(keep, x, lsq_fake_quantize(x, s, z, 0, 255))
+        y.backward(gout)
+        results.append((y.detach(), x.grad, s.grad))
+    (y0, gx0, gs0), (y1, gx1, gs1) = results
+    assert torch.equal(y0, y1) and torch.equal(gx0, gx1)
+    torch.testing.assert_close(gs1, gs0, rtol=1e-5, atol=1e-6)
+    assert bool(((y1 == x0) | ~keep).all())  # kept elements pass through
+    assert not torch.equal(y1, x0)  # the others are quantized (clipped at 155 * 0.03 above)
+    with pytest.raises(ZsqError, match="shaped like the input"):
+        lsq_fake_quantize(x0, torch.tensor(0.03), z, 0, 255, keep=keep[:2])
+
+
+def test_fake_quantize_inside_matches_fake_quantize_and_the_code_range():
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 3
+    s, z = torch.tensor(0.02), torch.tensor(-3)
+    for xx in (x, x.double()):
+        y, inside = P.fake_quantize_inside(xx, s, z, -128, 127)
+        assert torch.equal(y, P.fake_quantize(xx, s, z, -128, 127))  # float32: PyTorch's fused kernel
+        code = torch.round(xx / 0.02) - 3
+        assert torch.equal(inside, (code >= -128) & (code <= 127))
+        assert 0 < int(inside.sum()) < inside.numel()
+    ties = (torch.arange(-300, 300, dtype=torch.float32) + 0.5) * 0.25  # x / s exactly halfway: round half to even
+    y, inside = P.fake_quantize_inside(ties, torch.tensor(0.25), torch.tensor(3), -128, 127)
+    assert torch.equal(y, P.fake_quantize(ties, torch.tensor(0.25), torch.tensor(3), -128, 127))
+    assert torch.equal(inside, (torch.round(ties / 0.25) + 3 >= -128) & (torch.round(ties / 0.25) + 3 <= 127))
+
+
+@pytest.mark.parametrize("p", [0.5, 0.25, 0.3, 0.0, 1.0])
+def test_bernoulli_mask(p):
+    a = bernoulli_mask((6, 7, 50, 50), p, generator=torch.Generator().manual_seed(3))
+    b = bernoulli_mask((6, 7, 50, 50), p, generator=torch.Generator().manual_seed(3), dtype=torch.float32)
+    assert b.dtype == torch.float32 and set(b.unique().tolist()) <= {0.0, 1.0}
+    b = b.bool()
+    c = bernoulli_mask((6, 7, 50, 50), p, generator=torch.Generator().manual_seed(4))
+    assert a.dtype == torch.bool and a.shape == (6, 7, 50, 50) and torch.equal(a, b)
+    assert float(a.float().mean()) == pytest.approx(p, abs=0.01)  # 105,000 draws: SE <= 0.0016
+    if 0 < p < 1:
+        assert not torch.equal(a, c)
+        # independent across positions: neighbouring elements (same byte for p = 1/2) are not correlated
+        flat = a.flatten().float()
+        corr = float(((flat[:-1] - p) * (flat[1:] - p)).mean() / (p * (1 - p)))
+        assert abs(corr) < 0.02
+    with pytest.raises(ZsqError, match="probability"):
+        bernoulli_mask((3,), 1.5, generator=torch.Generator())
 
 
 # ------------------------------------------------------------------------------------------------

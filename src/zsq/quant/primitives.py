@@ -100,6 +100,23 @@ def fake_quantize(
     return out
 
 
+def fake_quantize_inside(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor :func:`fake_quantize` of ``x`` (no autograd; the same values as the fused kernel, bit for bit)
+    and the boolean mask of the elements whose code ``round(x / scale) + zero_point`` lies in ``[qmin, qmax]``
+    (where the straight-through gradient passes).
+
+    Written as a chain of in-place passes over one new tensor: on CPU this is about twice as fast as PyTorch's
+    fused per-tensor kernels (``fake_quantize_per_tensor_affine`` and the mask-keeping variant behind its
+    backward), which dominated a BRECQ step on ImageNet-sized activations."""
+    x = x.detach()
+    s = scale.detach().reshape(()).to(x.dtype)
+    q = torch.mul(x, 1.0 / s).round_().add_(zero_point.reshape(()).to(x.dtype))
+    inside = (q >= qmin).logical_and_(q <= qmax)
+    return q.clamp_(qmin, qmax).sub_(zero_point.reshape(()).to(x.dtype)).mul_(s), inside
+
+
 def reduce_dims(x: torch.Tensor, axis: int | None) -> tuple[int, ...]:
     """Dimensions to reduce over to get per-``axis`` statistics (all dims when per-tensor)."""
     if axis is None:

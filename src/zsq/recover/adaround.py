@@ -34,8 +34,9 @@ import torch.nn as nn
 
 from ..errors import ZsqError
 from ..quant.modules import QUANT_LAYER_TYPES, ActQuantizer
-from .blocks import (ActFn, UnitData, UnitRunner, batch_indices, float_weights, layer_tail, mse, no_act,
-                     quantized_weight, reconstruct_sequentially, reconstruction_loss, same_layout, unit_progress)
+from .blocks import (ActFn, UnitData, UnitRunner, batch_indices, bernoulli_mask, float_weights, layer_tail, mse,
+                     no_act, quantized_weight, reconstruct_sequentially, reconstruction_loss, same_layout,
+                     unit_progress)
 
 if TYPE_CHECKING:
     from . import RecoverContext, RecoverConfig, UnitReport
@@ -202,7 +203,7 @@ def write_codes(layer: nn.Module, codes: torch.Tensor, scale: torch.Tensor, zero
 
 
 class StepLike(Protocol):
-    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, x: torch.Tensor, *, keep: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def parameters(self) -> list[torch.Tensor]: ...
 
@@ -280,11 +281,14 @@ def optimize_unit(
     learned_act = step_act(steps)
 
     def act_fn(name: str, mod: ActQuantizer, t: torch.Tensor) -> torch.Tensor:
-        out = learned_act(name, mod, t)
         if drop > 0 and mod.enabled:
-            keep_float = same_layout(torch.rand(t.shape, generator=generator).to(t.device) < drop, t)
-            out = torch.where(keep_float, t, out)
-        return out
+            keep_float = same_layout(bernoulli_mask(t.shape, drop, generator=generator, device=t.device,
+                                                    dtype=t.dtype), t)
+            step = steps.get(name)
+            if step is not None:  # one fused function for the learned step size and the pass-through
+                return step(t, keep=keep_float)
+            return torch.lerp(mod(t), t, keep_float)  # t where keep_float is 1, exactly
+        return learned_act(name, mod, t)
 
     anchor = _Anchor.build(runner, x, target, weight, roundings, float(config.anchor or 0.0), bsz,
                             weighting=str(config.anchor_weighting))
@@ -305,7 +309,7 @@ def optimize_unit(
         idx = next(batches).to(x.device)
         xb = x[idx]
         if input_drop > 0:
-            use_float = same_layout(torch.rand(xb.shape, generator=generator).to(xb.device) < input_drop, xb)
+            use_float = same_layout(bernoulli_mask(xb.shape, input_drop, generator=generator, device=xb.device), xb)
             xb = torch.where(use_float, x_float[idx], xb)
         y = runner(xb, weight_fn=weight_fn, act_fn=act_fn)
         rec = reconstruction_loss(y, target[idx], weight[idx] if weight is not None else None)
