@@ -112,9 +112,10 @@ def fake_quantize_inside(
     backward), which dominated a BRECQ step on ImageNet-sized activations."""
     x = x.detach()
     s = scale.detach().reshape(()).to(x.dtype)
-    q = torch.mul(x, 1.0 / s).round_().add_(zero_point.reshape(()).to(x.dtype))
+    z = zero_point.detach().reshape(()).to(x.dtype)
+    q = torch.mul(x, 1.0 / s).round_().add_(z)
     inside = (q >= qmin).logical_and_(q <= qmax)
-    return q.clamp_(qmin, qmax).sub_(zero_point.reshape(()).to(x.dtype)).mul_(s), inside
+    return q.clamp_(qmin, qmax).sub_(z).mul_(s), inside
 
 
 def reduce_dims(x: torch.Tensor, axis: int | None) -> tuple[int, ...]:

@@ -597,7 +597,7 @@ def bernoulli_mask(shape: Sequence[int], p: float, *, generator: torch.Generator
     if p == 0.5:
         raw = torch.randint(0, 256, ((n + 7) // 8,), dtype=torch.uint8, generator=generator)
         shifts = torch.arange(8, dtype=torch.uint8)
-        mask = ((raw.unsqueeze(1) >> shifts) & 1).view(-1)[:n].bool()
+        mask = ((raw.unsqueeze(1) >> shifts) & 1).view(-1)[:n]  # 0/1 bytes
     elif (p * 2 ** _MASK_BITS).is_integer():
         mask = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=generator) < int(p * 2 ** _MASK_BITS)
     else:
