@@ -573,9 +573,9 @@ def same_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last) if is_channels_last(like) else t
 
 
-# Bernoulli masks (QDrop) for probabilities with at most this many binary digits are drawn from random bytes
+# Bernoulli masks (QDrop) for probabilities that are a multiple of 1/_MASK_LEVELS are drawn from random bytes
 # (see bernoulli_mask); others from one uniform float per element.
-_MASK_BITS = 8
+_MASK_LEVELS = 256  # the values of one random byte
 
 
 def bernoulli_mask(shape: Sequence[int], p: float, *, generator: torch.Generator,
@@ -595,11 +595,11 @@ def bernoulli_mask(shape: Sequence[int], p: float, *, generator: torch.Generator
     if p in (0.0, 1.0):
         return torch.full(tuple(shape), p == 1.0, dtype=torch.bool, device=device).to(dtype)
     if p == 0.5:
-        raw = torch.randint(0, 256, ((n + 7) // 8,), dtype=torch.uint8, generator=generator)
+        raw = torch.randint(0, _MASK_LEVELS, ((n + 7) // 8,), dtype=torch.uint8, generator=generator)
         shifts = torch.arange(8, dtype=torch.uint8)
         mask = ((raw.unsqueeze(1) >> shifts) & 1).view(-1)[:n]  # 0/1 bytes
-    elif (p * 2 ** _MASK_BITS).is_integer():
-        mask = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=generator) < int(p * 2 ** _MASK_BITS)
+    elif (p * _MASK_LEVELS).is_integer():
+        mask = torch.randint(0, _MASK_LEVELS, (n,), dtype=torch.uint8, generator=generator) < int(p * _MASK_LEVELS)
     else:
         mask = torch.rand(n, generator=generator) < p
     return mask.view(*shape).to(device=device, dtype=dtype)

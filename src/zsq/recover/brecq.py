@@ -46,7 +46,7 @@ class _LsqFakeQuantize(torch.autograd.Function):
     """Per-tensor fake quantization with LSQ gradients for both the input and the step size, and optionally
     QDrop's pass-through: where ``keep`` is True (1) the output is the input itself, unquantized.
 
-    Forward: zsq's fake quantization (one fused pass that also yields the in-range mask). Backward, with
+    Forward: :func:`zsq.quant.primitives.fake_quantize_inside` (the values and the in-range mask). Backward, with
     ``v = round(x / s) + z``: ``dy/dx = 1`` where ``keep`` or ``qmin <= v <= qmax``, else 0; ``dy/ds = 0`` where
     ``keep``, else ``(y - x) / s`` inside the range and ``y / s`` (the clip level ``qmin - z`` or ``qmax - z``)
     outside it. One function instead of a quantizer, a ``torch.where`` and autograd's chain through both: about
